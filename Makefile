@@ -1,0 +1,77 @@
+# fmsearch's front door. Every target installs the project into .venv first (once, guarded by a stamp).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+STUDY ?= smoke
+TRIALS ?=
+JOBS ?= 1
+EPOCHS ?=
+DEVICE ?=
+PORT ?= 8080
+STORAGE ?= sqlite:///results/studies.db
+ARGS ?=
+
+study_flags = $(if $(TRIALS),--trials $(TRIALS)) --jobs $(JOBS) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+	$(if $(DEVICE),--device $(DEVICE)) --storage $(STORAGE)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup data test lint format train study report dashboard bench browser clean distclean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: STUDY=$(STUDY) TRIALS= JOBS=$(JOBS) EPOCHS= DEVICE= PORT=$(PORT) STORAGE=$(STORAGE) ARGS="
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install fmsearch with its dev tools
+
+data: $(STAMP) ## find, fetch and verify Fashion-MNIST (local files, Debian's package, then download)
+	$(BIN)/fmsearch data
+
+browser: ## install Debian's chromium for the dashboard browser test (when apt is there and we are root)
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium for the browser test"; \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
+		echo "chromium could not be installed: the browser test will be skipped"; \
+	fi
+
+test: data browser ## run the test suite
+	$(BIN)/pytest -q
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## ruff format in place
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+train: data ## train one configuration: make train ARGS="--arch adaptive --epochs 10"
+	$(BIN)/fmsearch train $(ARGS)
+
+study: data ## run or resume a study, then report: make study STUDY=semi [TRIALS=] [JOBS=]
+	$(BIN)/fmsearch study $(STUDY) $(study_flags)
+	$(BIN)/fmsearch report $(STUDY) --storage $(STORAGE)
+
+report: $(STAMP) ## redraw a study's figures and summary.md from the storage: make report STUDY=semi
+	$(BIN)/fmsearch report $(STUDY) --storage $(STORAGE)
+
+dashboard: $(STAMP) ## serve optuna-dashboard on 127.0.0.1:$(PORT) (PORT= overrides)
+	$(BIN)/fmsearch dashboard --storage $(STORAGE) --port $(PORT)
+
+bench: data ## fmsearch's loop against a plain DataLoader loop on the same device
+	$(BIN)/fmsearch bench $(ARGS)
+
+clean: ## remove generated results (keeps the study database), caches and build files
+	rm -rf .pytest_cache .ruff_cache *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+	find results -mindepth 1 -not -name README.md -not -name 'studies.db*' -delete 2>/dev/null || true
+
+distclean: clean ## also remove .venv, data/ and the study database
+	rm -rf $(VENV) data results/studies.db*

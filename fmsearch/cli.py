@@ -1,0 +1,425 @@
+"""fmsearch's command line: the only place that prints for the user, parses argv, or exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from tqdm import tqdm
+
+STUDIES_DIR = Path("studies")
+RESULTS_DIR = Path("results")
+DEFAULT_STORAGE = f"sqlite:///{RESULTS_DIR}/studies.db"
+
+
+class UsageError(Exception):
+    """Bad input from the command line; printed as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class EpochBar:
+    """A tqdm bar per epoch for engine.fit's progress protocol."""
+
+    def __init__(self, label: str, epochs: int, position: int = 0, leave: bool = False):
+        self.label = label
+        self.epochs = epochs
+        self.position = position
+        self.leave = leave
+        self.bar: tqdm | None = None
+
+    def epoch_start(self, epoch: int, steps: int) -> None:
+        self.close()
+        self.bar = tqdm(
+            total=steps,
+            desc=f"{self.label} epoch {epoch}/{self.epochs}",
+            unit="batch",
+            position=self.position,
+            leave=self.leave,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def step(self) -> None:
+        self.bar.update()
+
+    def annotate(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+
+    def epoch_end(self, metrics: dict) -> None:
+        self.annotate(f"val_acc={metrics['val_accuracy']:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class ConsoleReporter:
+    """study.Reporter for the terminal: a live bar per trial, then one line per finished trial."""
+
+    def __init__(self, worker: int = 0):
+        self.worker = worker
+
+    def trial_progress(self, study_name: str, number: int, max_epochs: int) -> EpochBar:
+        return EpochBar(f"{study_name} #{number}", max_epochs, position=self.worker)
+
+    def trial_end(self, outcome) -> None:
+        value = "-" if outcome.value is None else f"{outcome.value:.4f}"
+        params = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in outcome.params.items()
+        )
+        why = (
+            outcome.stop_reason
+            if outcome.best_epoch is None
+            else f"{outcome.stop_reason}, best epoch {outcome.best_epoch}"
+        )
+        if outcome.error:
+            why = f"{why}: {outcome.error}"
+        tqdm.write(
+            f"{outcome.study_name} #{outcome.number} {outcome.state} {value} [{why}] {params}",
+            file=sys.stdout,
+        )
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _load_splits(device_name: str | None, pool_limit: int | None = None):
+    from fmsearch import data, engine
+
+    device = engine.resolve_device(device_name)
+    print(f"data: {_ensure_data()}", file=sys.stderr)
+    return device, data.load_splits(data.DataConfig(pool_limit=pool_limit), device)
+
+
+def _format_row(values: list, widths: list[int]) -> str:
+    return "  ".join(str(v).rjust(w) for v, w in zip(values, widths, strict=True))
+
+
+def print_history(history: list[dict]) -> None:
+    """The per-epoch table of a fit."""
+    columns = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds"]
+    if "mask_rate" in history[0]:
+        columns += ["unlabeled_loss", "mask_rate", "pseudo_accuracy"]
+    widths = [max(len(c), 8) for c in columns]
+    print(_format_row(columns, widths))
+    for row in history:
+        print(_format_row([row[c] if c == "epoch" else f"{row[c]:.4f}" for c in columns], widths))
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from fmsearch import data
+
+    print(f"data: {data.ensure()}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from fmsearch import engine
+
+    config_names = {f.name for f in fields(engine.TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in config_names and v is not None}
+    if args.no_patience:
+        values["patience"] = None
+    config = engine.TrainConfig(**values)
+    device, splits = _load_splits(args.device, args.pool_limit)
+    bar = EpochBar(config.arch, config.epochs)
+
+    def show(epoch: int, metrics: dict) -> None:
+        bar.annotate(f"val_acc={metrics['val_accuracy']:.4f}")
+
+    try:
+        result = engine.fit(config, splits, hooks=[show], progress=bar)
+    finally:
+        bar.close()
+    print_history(result.history)
+    test = engine.evaluate(
+        result.model, splits.test_images, splits.test_labels, splits.normalize, amp=config.amp
+    )
+    print(
+        f"device {device}, {result.labeled_count} labeled images, stopped: {result.stop_reason}, "
+        f"best epoch {result.best_epoch} (val_accuracy {result.best['val_accuracy']:.4f})"
+    )
+    print(f"test_loss {test.loss:.4f}  test_accuracy {test.accuracy:.4f}")
+    if args.json:
+        record = {
+            "config": {f.name: getattr(config, f.name) for f in fields(config)},
+            "device": str(device),
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+            "stop_reason": result.stop_reason,
+            "test_loss": test.loss,
+            "test_accuracy": test.accuracy,
+            "seconds": result.seconds,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1))
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from fmsearch import engine, spec, study
+
+    study_spec = spec.parse(spec.find(args.name, STUDIES_DIR))
+    options = study.RunOptions(
+        storage=args.storage,
+        trials=args.trials,
+        jobs=args.jobs,
+        device=args.device,
+        epochs=args.epochs,
+        results_dir=RESULTS_DIR,
+        heartbeat_interval=args.heartbeat,
+        grace_period=4 * args.heartbeat,
+    )
+    study.quiet_optuna()
+    device = engine.resolve_device(args.device)
+    print(f"data: {_ensure_data()}")
+    splits = study.load_splits(study_spec, options, device)
+    plan = study.plan(study_spec, options, splits)
+    print(f"study {study_spec.name}: {study_spec.description}")
+    print(f"storage {options.storage}; watch it live with `make dashboard`")
+    print(
+        f"cost: at most {len(plan.study_names)} conditions x {plan.trials} trials x {plan.max_epochs} epochs "
+        f"x {plan.epoch_seconds:.1f} s/epoch on {plan.device} = {_duration(plan.max_seconds)} "
+        f"(pruning and early stopping cut this); smaller: --trials, --epochs, or STUDY=smoke"
+    )
+    summaries = study.run(study_spec, options, ConsoleReporter, splits)
+    for summary in summaries:
+        states = ", ".join(f"{n.lower()} {c}" for n, c in sorted(summary.states.items()))
+        print(f"\n{summary.study_name}: {states}")
+        if summary.best_value is None:
+            print("  no complete trial")
+            continue
+        test = summary.test or {}
+        print(f"  best trial #{summary.best_trial}: val_accuracy {summary.best_value:.4f}", end="")
+        print(f", test_accuracy {test['test_accuracy']:.4f}" if test else "")
+        for key, value in summary.best_params.items():
+            print(f"  {key:>16} = {value:.4g}" if isinstance(value, float) else f"  {key:>16} = {value}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from fmsearch import report, study
+
+    study.quiet_optuna()
+    storage = study.open_storage(args.storage)
+    summary, images = report.write_report(
+        storage, args.name, RESULTS_DIR, artifact_dir=RESULTS_DIR / "artifacts"
+    )
+    print(f"wrote {summary} and {', '.join(p.name for p in images)}; uploaded to the dashboard's artifacts")
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from fmsearch import study
+
+    study.quiet_optuna()
+    storage = study.open_storage(args.storage)
+    (RESULTS_DIR / "artifacts").mkdir(parents=True, exist_ok=True)
+    print(
+        f"optuna-dashboard on http://{args.host}:{args.port}/ for {args.storage} (Ctrl-C stops it)",
+        flush=True,
+    )
+    optuna_dashboard.run_server(
+        storage,
+        host=args.host,
+        port=args.port,
+        artifact_store=FileSystemArtifactStore(RESULTS_DIR / "artifacts"),
+    )
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import platform
+
+    import torch
+
+    from fmsearch import bench, engine
+
+    device = engine.resolve_device(args.device)
+    config = bench.BenchConfig(
+        arch=args.arch, batch_size=args.batch_size, repeats=args.repeats, pool_limit=args.pool_limit
+    )
+    print(f"data: {_ensure_data()}")
+    print(
+        f"bench: {config.arch} CNN, batch {config.batch_size}, "
+        f"{config.repeats} timed epochs each after a warm-up, "
+        f"on {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}"
+    )
+    results = bench.run(config, device)
+    baseline = results[0].median
+    for result in results:
+        spread = ", ".join(f"{v:.0f}" for v in result.images_per_second)
+        print(
+            f"  {result.name:<32} median {result.median:9.0f} images/s  ({spread})  "
+            f"x{result.median / baseline:.2f} the DataLoader loop"
+        )
+    record = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "config": vars(config),
+        "images_per_second": {r.name: r.images_per_second for r in results},
+        "ratio": {r.name: r.median / baseline for r in results},
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "bench.json").write_text(json.dumps(record, indent=1))
+
+
+def _ensure_data() -> str:
+    from fmsearch import data
+
+    return data.ensure()
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from fmsearch import engine
+    from fmsearch.models import ARCHITECTURES
+
+    d = engine.TrainConfig()
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), help=f"architecture (default {d.arch})")
+    parser.add_argument("--lr", type=_positive_float, help=f"learning rate (default {d.lr})")
+    parser.add_argument("--dropout", type=_probability, help=f"dropout probability (default {d.dropout})")
+    parser.add_argument("--epochs", type=_positive_int, help=f"most epochs (default {d.epochs})")
+    parser.add_argument("--batch-size", type=_positive_int, help=f"batch size (default {d.batch_size})")
+    parser.add_argument("--optimizer", choices=engine.OPTIMIZERS, help=f"(default {d.optimizer})")
+    parser.add_argument("--schedule", choices=engine.SCHEDULES, help=f"lr schedule (default {d.schedule})")
+    parser.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
+    parser.add_argument(
+        "--patience", type=_positive_int, help=f"early-stopping patience (default {d.patience})"
+    )
+    parser.add_argument(
+        "--monitor", choices=engine.MONITORS, help=f"best epoch and early stopping by (default {d.monitor})"
+    )
+    parser.add_argument("--no-patience", action="store_true", help="never stop early")
+    parser.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    parser.add_argument("--labeled-fraction", type=_probability, help=f"(default {d.labeled_fraction})")
+    parser.add_argument("--labeled-count", type=_positive_int, help="labeled images; overrides the fraction")
+    parser.add_argument(
+        "--unlabeled", choices=engine.UNLABELED, help=f"unlabeled batches (default {d.unlabeled})"
+    )
+    parser.add_argument("--tau", type=_probability, help=f"pseudo-label confidence (default {d.tau})")
+    parser.add_argument("--lambda-u", type=float, help=f"unlabeled loss weight (default {d.lambda_u})")
+    parser.add_argument(
+        "--warmup-epochs", type=int, help=f"labeled-only epochs first (default {d.warmup_epochs})"
+    )
+    parser.add_argument("--augment", action="store_true", default=None, help="augment labeled batches")
+    parser.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA)")
+    parser.add_argument("--channels-last", action="store_true", default=None, help="(CUDA)")
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="fmsearch",
+        description="Hyperparameter-search studies of small CNNs on Fashion-MNIST, full- and semi-label.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="find or fetch Fashion-MNIST and verify it")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train one configuration and score it on the test set")
+    add_train_arguments(p)
+    p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    p.add_argument("--pool-limit", type=_positive_int, help="use only this many training-pool images")
+    p.add_argument("--json", help="also write the history and test result to this file")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("study", help="run (or resume) an Optuna study from studies/NAME.toml")
+    p.add_argument("name", help="a study file's name under studies/, e.g. semi, or a path to one")
+    p.add_argument("--trials", type=_positive_int, help="finished trials per condition (default: the file's)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})"
+    )
+    p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    p.add_argument("--epochs", type=_positive_int, help="max epochs per trial (default: the file's)")
+    p.add_argument(
+        "--heartbeat", type=_positive_int, default=5, help="seconds between trial heartbeats (default 5)"
+    )
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("bench", help="time fmsearch's training loop against a plain DataLoader loop")
+    p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    p.add_argument("--arch", default="plain", help="architecture (default plain)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="(default 64)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed epochs per contender (default 3)")
+    p.add_argument(
+        "--pool-limit", type=_positive_int, help="images per epoch (default: the 50,000-image pool)"
+    )
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="draw a study's figures and summary.md from the storage")
+    p.add_argument("name", help="the study's name, e.g. semi")
+    p.add_argument(
+        "--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})"
+    )
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage")
+    p.add_argument(
+        "--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.set_defaults(func=cmd_dashboard)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from fmsearch.data import DataError
+    from fmsearch.engine import DivergenceError
+    from fmsearch.report import ReportError
+    from fmsearch.spec import SpecError
+    from fmsearch.study import StudyError
+
+    try:
+        args.func(args)
+    except (UsageError, DataError, DivergenceError, ReportError, SpecError, StudyError, ValueError) as error:
+        print(f"fmsearch {args.command}: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
+    except KeyboardInterrupt:
+        print(f"fmsearch {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

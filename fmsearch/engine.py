@@ -1,0 +1,406 @@
+"""The one train/evaluate core: `fit` trains a configuration, `evaluate` scores a model.
+
+Data stays resident on the device as uint8; batches are gathered there with one index tensor per
+epoch, so the loop has no per-sample Python, no per-batch host->device copy and no per-batch
+`.item()`. Epoch-end hooks see (epoch, metrics) and may stop training: early stopping is one, the
+Optuna pruning hook (built by study.py) is another. This module knows nothing of Optuna.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmsearch.data import Splits
+from fmsearch.models import build_model
+from fmsearch.semi import (
+    HIDDEN,
+    LabeledSubset,
+    SemiBatchSampler,
+    make_objective,
+    pseudo_label_accuracy,
+    select_labeled,
+    weak_augment,
+)
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("none", "step", "cosine")
+UNLABELED = ("skip", "pseudo")
+MONITORS = ("val_loss", "val_accuracy")
+FINITE_CHECK_EVERY = 16  # steps between divergence checks: each one is a host-device sync
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training configuration; every field may be fixed, a condition or searched by a study."""
+
+    arch: str = "plain"  # a name in models.ARCHITECTURES
+    lr: float = 1e-3
+    dropout: float = 0.25  # probability, before the last layer
+    epochs: int = 10  # at most; early stopping or pruning may end sooner
+    batch_size: int = 64
+    optimizer: str = "adam"  # adam, or sgd with momentum 0.9
+    schedule: str = "none"  # none, step (lr/10 after epochs 3 and 7), cosine
+    weight_decay: float = 0.0
+    patience: int | None = 3  # epochs without a better monitored value; None never stops early
+    monitor: str = "val_loss"  # picks the best epoch and drives early stopping: val_loss or val_accuracy
+    seed: int = 0  # model init, batch order, augmentation, labeled subset
+    labeled_fraction: float = 1.0  # share of the training pool that keeps its labels
+    labeled_count: int | None = None  # overrides labeled_fraction when set
+    unlabeled: str = "skip"  # what an unlabeled batch does: skip or pseudo
+    tau: float = 0.95  # pseudo: confidence a pseudo-label needs
+    lambda_u: float = 1.0  # pseudo: weight of an unlabeled batch's loss
+    warmup_epochs: int = 0  # pseudo: epochs of labeled batches only before unlabeled ones count
+    augment: bool = False  # weak shift/flip augmentation of labeled batches
+    amp: bool = False  # bf16 autocast; CUDA only
+    channels_last: bool = False  # CUDA only
+    compile: bool = False  # torch.compile the model
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0, "lr must be positive"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.epochs >= 1, "epochs must be at least 1"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
+            (self.unlabeled in UNLABELED, f"unlabeled must be one of {UNLABELED}"),
+            (self.monitor in MONITORS, f"monitor must be one of {MONITORS}"),
+            (0.0 < self.labeled_fraction <= 1.0, "labeled_fraction must be in (0, 1]"),
+            (0.0 <= self.tau <= 1.0, "tau must be in [0, 1]"),
+            (self.lambda_u >= 0.0, "lambda_u must be non-negative"),
+            (self.patience is None or self.patience >= 1, "patience must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or inf."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"loss became NaN or inf in epoch {epoch} near step {step}: lower the learning rate")
+        self.epoch = epoch
+        self.step = step
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """CUDA, then MPS, then CPU, unless `name` ('cpu', 'cuda', 'cuda:1', 'mps') says otherwise."""
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but no CUDA GPU is available: use --device cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' was asked for but MPS is not available: use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class Batch:
+    indices: torch.Tensor  # int64 pool indices on the device
+    images: torch.Tensor | None  # uint8 (B, 28, 28); None for a batch nobody will read
+    targets: torch.Tensor | None  # int64 (B,); None for unlabeled batches
+    labeled: bool
+
+
+class DeviceLoader:
+    """Iterates a batch sampler over device-resident tensors.
+
+    Each epoch the sampler's index lists go to the device in one copy; each batch is then a slice
+    of that tensor and a gather. With gather_unlabeled False, unlabeled batches carry no images.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        batch_sampler: SemiBatchSampler,
+        gather_unlabeled: bool = True,
+    ):
+        self.images = images
+        self.targets = targets
+        self.batch_sampler = batch_sampler
+        self.gather_unlabeled = gather_unlabeled
+        self._labeled_host = (targets != HIDDEN).cpu().numpy()
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = list(self.batch_sampler)
+        if not batches:
+            return
+        flat = torch.from_numpy(np.concatenate(batches)).to(self.images.device, non_blocking=True)
+        for indices, first in zip(
+            flat.split([len(b) for b in batches]), (b[0] for b in batches), strict=True
+        ):
+            labeled = bool(self._labeled_host[first])  # batches are homogeneous: one lookup each
+            if labeled:
+                yield Batch(indices, self.images[indices], self.targets[indices], True)
+            elif self.gather_unlabeled:
+                yield Batch(indices, self.images[indices], None, False)
+            else:
+                yield Batch(indices, None, None, False)
+
+
+EpochHook = Callable[[int, dict], "str | None"]  # returns a stop reason, or None to go on
+
+
+def improves(monitor: str, value: float, best: float | None) -> bool:
+    """Whether `value` of `monitor` beats `best` (lower loss, higher accuracy)."""
+    if best is None:
+        return True
+    return value < best if monitor == "val_loss" else value > best
+
+
+class EarlyStopping:
+    """Stops after `patience` epochs without a better monitored validation value."""
+
+    def __init__(self, patience: int, monitor: str = "val_loss"):
+        self.patience = patience
+        self.monitor = monitor
+        self.reset()
+
+    def reset(self) -> None:
+        self.best: float | None = None
+        self.waited = 0
+
+    def __call__(self, epoch: int, metrics: dict) -> str | None:
+        if improves(self.monitor, metrics[self.monitor], self.best):
+            self.best = metrics[self.monitor]
+            self.waited = 0
+            return None
+        self.waited += 1
+        return "early-stopped" if self.waited >= self.patience else None
+
+
+class Progress(Protocol):
+    def epoch_start(self, epoch: int, steps: int) -> None: ...
+    def step(self) -> None: ...
+
+
+@dataclass
+class Evaluation:
+    loss: float  # mean cross-entropy, nats per image
+    accuracy: float  # fraction correct
+    predictions: torch.Tensor  # int64 (N,) on the CPU, for a confusion matrix
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # holds the best-epoch weights
+    history: list[dict] = field(default_factory=list)  # one dict of floats per epoch
+    best_epoch: int = 0  # 1-based; the best monitored validation value
+    stop_reason: str = "max-epochs"  # max-epochs, early-stopped or pruned
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)  # CPU copy of best weights
+    seconds: float = 0.0  # wall time of the whole fit
+    labeled_count: int = 0
+
+    @property
+    def best(self) -> dict:
+        return self.history[self.best_epoch - 1]
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 2048,
+    amp: bool = False,
+) -> Evaluation:
+    """Score `model` on uint8 images and labels already on its device."""
+    model.eval()
+    device = images.device
+    loss_sum = torch.zeros((), device=device)
+    predictions = torch.empty(len(labels), dtype=torch.long, device=device)
+    with torch.inference_mode(), _autocast(device, amp):
+        for start in range(0, len(labels), batch_size):
+            logits = model(normalize(images[start : start + batch_size])).float()
+            target = labels[start : start + batch_size]
+            loss_sum += F.cross_entropy(logits, target, reduction="sum")
+            predictions[start : start + batch_size] = logits.argmax(dim=1)
+    correct = (predictions == labels).sum()
+    loss, correct = torch.stack([loss_sum, correct.float()]).tolist()  # one sync
+    return Evaluation(loss / len(labels), correct / len(labels), predictions.cpu())
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
+        )
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[3, 7], gamma=0.1)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return None
+
+
+def _make_subset(config: TrainConfig, splits: Splits) -> LabeledSubset:
+    if config.labeled_count is not None:
+        return select_labeled(splits.train_labels, count=config.labeled_count, seed=config.seed)
+    return select_labeled(splits.train_labels, fraction=config.labeled_fraction, seed=config.seed)
+
+
+def fit(
+    config: TrainConfig,
+    splits: Splits,
+    *,
+    subset: LabeledSubset | None = None,
+    hooks: Sequence[EpochHook] = (),
+    progress: Progress | None = None,
+) -> FitResult:
+    """Train one configuration; return its history and the best-epoch (lowest val loss) model.
+
+    Training reads labels only through `subset.targets`, where unlabeled samples are HIDDEN.
+    Raises DivergenceError on a NaN or inf loss.
+    """
+    started = time.perf_counter()
+    device = splits.train_images.device
+    torch.manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    subset = subset if subset is not None else _make_subset(config, splits)
+    objective = make_objective(config.unlabeled, config.tau, config.lambda_u)
+    targets = subset.targets.to(device)
+
+    model = build_model(config.arch, config.dropout).to(device)
+    cuda = device.type == "cuda"
+    if config.channels_last and cuda:
+        model = model.to(memory_format=torch.channels_last)
+    train_model = torch.compile(model) if config.compile else model
+
+    def normalize(images: torch.Tensor) -> torch.Tensor:
+        # uint8 (B, 28, 28) straight from the store, or float (B, 1, 28, 28) in [0, 1] after augmentation
+        x = splits.normalize(images) if images.dtype == torch.uint8 else (images - splits.mean) / splits.std
+        return x.contiguous(memory_format=torch.channels_last) if config.channels_last and cuda else x
+
+    optimizer = _optimizer(config, model)
+    optimizer.zero_grad(set_to_none=True)
+    scheduler = _scheduler(config, optimizer)
+    sampler = SemiBatchSampler(subset.labeled, subset.unlabeled, config.batch_size, seed=config.seed)
+    loader = DeviceLoader(splits.train_images, targets, sampler)
+    stoppers: list[EpochHook] = list(hooks)
+    early_stopping = EarlyStopping(config.patience, config.monitor) if config.patience is not None else None
+    if early_stopping is not None:
+        stoppers.append(early_stopping)
+    pseudo_record = torch.full_like(targets, HIDDEN)
+
+    result = FitResult(model=model, labeled_count=len(subset.labeled))
+    best_value: float | None = None
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        use_unlabeled = objective.gathers_images and epoch > config.warmup_epochs
+        if use_unlabeled and epoch == config.warmup_epochs + 1 and epoch > 1 and early_stopping is not None:
+            early_stopping.reset()  # patience counts from the start of the semi-supervised phase
+        loader.gather_unlabeled = use_unlabeled
+        steps = sampler.labeled_batches + (sampler.unlabeled_batches if use_unlabeled else 0)
+        # FixMatch's step is L_s + lambda_u * mean L_u: unlabeled gradients wait for the next labeled batch.
+        unlabeled_per_labeled = max(sampler.unlabeled_batches / max(sampler.labeled_batches, 1), 1.0)
+        if progress is not None:
+            progress.epoch_start(epoch, steps)
+        train_model.train()
+        pseudo_record.fill_(HIDDEN)
+        # Device-side running sums: labeled loss, labeled correct, unlabeled loss.
+        sums = torch.zeros(3, device=device)
+        labeled_seen = unlabeled_seen = 0
+        for batch in loader:
+            if batch.images is None:
+                continue
+            with _autocast(device, config.amp):
+                if batch.labeled:
+                    pixels = batch.images
+                    if config.augment:
+                        pixels = weak_augment(pixels.unsqueeze(1).float() / 255.0, generator)
+                    logits = train_model(normalize(pixels)).float()
+                    loss = F.cross_entropy(logits, batch.targets)
+                    sums[0] += loss.detach() * len(batch.indices)
+                    sums[1] += (logits.argmax(dim=1) == batch.targets).sum()
+                    labeled_seen += len(batch.indices)
+                else:
+                    outcome = objective(train_model, batch.images, normalize, generator)
+                    loss = outcome.loss
+                    sums[2] += loss.detach() * len(batch.indices)
+                    pseudo_record[batch.indices] = outcome.pseudo_labels
+                    unlabeled_seen += len(batch.indices)
+            if batch.labeled:
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                (loss / unlabeled_per_labeled).backward()  # accumulates into the next labeled step
+            step += 1
+            if progress is not None:
+                progress.step()
+            if step % FINITE_CHECK_EVERY == 0 and not torch.isfinite(sums).all():  # host-device sync
+                raise DivergenceError(epoch, step)
+        if scheduler is not None:
+            scheduler.step()
+        _sync(device)
+        train_seconds = time.perf_counter() - epoch_started
+
+        labeled_loss_sum, correct, unlabeled_loss_sum = sums.tolist()  # the epoch's one sync
+        if not all(map(math.isfinite, (labeled_loss_sum, unlabeled_loss_sum))):
+            raise DivergenceError(epoch, step)
+        val = evaluate(model, splits.val_images, splits.val_labels, normalize, amp=config.amp)
+        if not math.isfinite(val.loss):
+            raise DivergenceError(epoch, step)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": labeled_loss_sum / max(labeled_seen, 1),
+            "train_accuracy": correct / max(labeled_seen, 1),
+            "val_loss": val.loss,
+            "val_accuracy": val.accuracy,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_seconds": train_seconds,
+            "images_per_second": (labeled_seen + unlabeled_seen) / train_seconds,
+        }
+        if objective.gathers_images:
+            pseudo_accuracy, kept = pseudo_label_accuracy(pseudo_record, subset.hidden.to(device))
+            metrics["unlabeled_loss"] = unlabeled_loss_sum / max(unlabeled_seen, 1)
+            metrics["mask_rate"] = kept / unlabeled_seen if unlabeled_seen else 0.0
+            metrics["pseudo_accuracy"] = pseudo_accuracy
+        metrics["epoch_seconds"] = time.perf_counter() - epoch_started
+        result.history.append(metrics)
+        if improves(config.monitor, metrics[config.monitor], best_value):
+            best_value = metrics[config.monitor]
+            result.best_epoch = epoch
+            result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        reasons = [reason for hook in stoppers if (reason := hook(epoch, metrics))]
+        if reasons:
+            result.stop_reason = reasons[0]
+            break
+
+    model.load_state_dict(result.best_state)
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,193 @@
+"""Fixtures: tiny Fashion-MNIST look-alikes written in the real IDX format, so the real loader runs."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmsearch import data
+
+REAL_ROOT = data.data_root().resolve()
+
+
+def write_idx_images(path: Path, images: np.ndarray) -> None:
+    path.write_bytes(struct.pack(">IIII", 0x803, *images.shape) + images.astype(np.uint8).tobytes())
+
+
+def write_idx_labels(path: Path, labels: np.ndarray) -> None:
+    path.write_bytes(struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+def learnable_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Class k is a bright 7x7 square at its own place on a 4x3 grid, jittered, over noise."""
+    images = rng.integers(0, 70, size=(len(labels), 28, 28))
+    for i, label in enumerate(labels):
+        top = 2 + (label // 4) * 8 + rng.integers(-1, 2)
+        left = 1 + (label % 4) * 7 + rng.integers(0, 2)
+        images[i, top : top + 7, left : left + 6] = rng.integers(170, 256)
+    return images
+
+
+@dataclass
+class TinyData:
+    root: Path
+    checksums: dict[str, tuple[int, str]]
+
+    def config(self, **overrides) -> data.DataConfig:
+        values = {"root": self.root, "val_size": 200, "checksums": self.checksums, **overrides}
+        return data.DataConfig(**values)
+
+    def splits(self, **overrides) -> data.Splits:
+        return data.load_splits(self.config(**overrides), torch.device("cpu"))
+
+
+def write_tiny_fashion_mnist(root: Path, n_train: int = 1200, n_test: int = 300, seed: int = 0) -> TinyData:
+    rng = np.random.default_rng(seed)
+    raw = data.raw_folder(root)
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        write_idx_images(raw / f"{prefix}-images-idx3-ubyte", learnable_images(labels, rng))
+        write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    checksums = {
+        name: ((raw / name).stat().st_size, hashlib.md5((raw / name).read_bytes()).hexdigest())
+        for name in data.CHECKSUMS
+    }
+    return TinyData(root, checksums)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> TinyData:
+    """A learnable 1,200/300-image dataset in Fashion-MNIST's IDX format (read-only: don't modify)."""
+    return write_tiny_fashion_mnist(tmp_path_factory.mktemp("tiny-fmnist"))
+
+
+@pytest.fixture(scope="session")
+def tiny_splits(tiny) -> data.Splits:
+    return tiny.splits()
+
+
+def real_data_present() -> bool:
+    try:
+        data.verify(REAL_ROOT)
+    except data.DataError:
+        return False
+    return True
+
+
+needs_real_data = pytest.mark.skipif(
+    not real_data_present(), reason="real Fashion-MNIST not found: run `make data`"
+)
+
+
+def gzip_into(folder: Path, raw: Path) -> None:
+    """Write each raw file of `raw` as NAME.gz into `folder`, as Debian's package lays them out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in raw.iterdir():
+        (folder / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()))
+
+
+class QuietProgress:
+    """study.TrialProgress that shows nothing."""
+
+    def epoch_start(self, epoch: int, steps: int) -> None: ...
+    def step(self) -> None: ...
+    def epoch_end(self, metrics: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class QuietReporter:
+    """study.Reporter for tests; a module-level class so that spawned workers can unpickle it."""
+
+    def __init__(self, worker: int = 0):
+        self.ended = []
+
+    def trial_progress(self, study_name: str, number: int, max_epochs: int) -> QuietProgress:
+        return QuietProgress()
+
+    def trial_end(self, outcome) -> None:
+        self.ended.append(outcome)
+
+
+TINY_STUDY = """
+description = "tiny: full labels against half the labels"
+trials = 3
+max_epochs = 3
+batch_size = 32
+patience = 2
+
+[sampler]
+name = "tpe"
+seed = 0
+
+[pruner]
+name = "none"
+
+[fixed]
+optimizer = "adam"
+
+[conditions]
+labeled_fraction = [1.0, 0.5]
+
+[space]
+arch = ["plain", "adaptive"]
+lr = { low = 1e-3, high = 3e-3, log = true }
+dropout = { low = 0.0, high = 0.5 }
+unlabeled = ["skip", "pseudo"]
+tau = { low = 0.8, high = 0.95 }
+"""
+
+
+def write_study(folder: Path, text: str = TINY_STUDY, name: str = "tiny") -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+@dataclass
+class TinyStudy:
+    spec: object  # spec.StudySpec
+    options: object  # study.RunOptions
+    summaries: list
+
+    @property
+    def storage(self) -> str:
+        return self.options.storage
+
+
+def run_tiny_study(
+    folder: Path, tiny: TinyData, text: str = TINY_STUDY, name: str = "tiny", **options
+) -> TinyStudy:
+    """Run a study file over the tiny data, with its storage and results under `folder`."""
+    from fmsearch import spec, study
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study_spec = spec.parse(write_study(folder, text, name))
+    values = {
+        "storage": f"sqlite:///{folder}/studies.db",
+        "results_dir": folder / "results",
+        "device": "cpu",
+        "heartbeat_interval": 1,
+        "grace_period": 3,
+        "data_config": tiny.config(),
+        **options,
+    }
+    run_options = study.RunOptions(**values)
+    splits = study.load_splits(study_spec, run_options, torch.device("cpu"))
+    study.prepare(study_spec, run_options)
+    summaries = study.run(study_spec, run_options, QuietReporter, splits)
+    return TinyStudy(study_spec, run_options, summaries)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory, tiny) -> TinyStudy:
+    """The tiny study, run once for every test that reads its storage (read-only: don't add trials)."""
+    return run_tiny_study(tmp_path_factory.mktemp("tiny-study"), tiny)

@@ -1,0 +1,86 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fmsearch import data
+from tests.conftest import gzip_into, write_tiny_fashion_mnist
+
+
+def test_ensure_decompresses_debian_files_and_says_so(tmp_path, tiny):
+    debian = tmp_path / "debian"
+    gzip_into(debian, data.raw_folder(tiny.root))
+    root = tmp_path / "data"
+    source = data.ensure(root, tiny.checksums, debian_dir=debian)
+    assert "Debian" in source
+    assert data.ensure(root, tiny.checksums, debian_dir=debian).startswith("local files")
+    data.verify(root, tiny.checksums)
+
+
+def test_checksum_failure_names_the_file_and_the_fix(tmp_path):
+    bad = write_tiny_fashion_mnist(tmp_path / "bad")
+    labels = data.raw_folder(bad.root) / "train-labels-idx1-ubyte"
+    corrupted = bytearray(labels.read_bytes())
+    corrupted[-1] ^= 0xFF
+    labels.write_bytes(bytes(corrupted))
+    with pytest.raises(data.DataError, match="train-labels-idx1-ubyte is corrupt.*make data"):
+        data.verify(bad.root, bad.checksums)
+
+
+def test_missing_file_names_the_file(tmp_path):
+    gone = write_tiny_fashion_mnist(tmp_path / "gone")
+    (data.raw_folder(gone.root) / "t10k-images-idx3-ubyte").unlink()
+    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte is missing"):
+        data.verify(gone.root, gone.checksums)
+
+
+def test_cli_reports_corrupt_data_in_one_line_without_traceback(tmp_path):
+    root = tmp_path / "data"
+    raw = data.raw_folder(root)
+    raw.mkdir(parents=True)
+    for name in data.CHECKSUMS:
+        (raw / name).write_bytes(b"\0" * 16)  # present, so no fetch is tried, but wrong
+    result = subprocess.run(
+        [sys.executable, "-m", "fmsearch.cli", "data"],
+        capture_output=True,
+        text=True,
+        env={"FMSEARCH_DATA": str(root), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "corrupt" in lines[0] and "make data" in lines[0]
+
+
+def test_loads_uint8_images_through_torchvision(tiny):
+    arrays = data.load(tiny.root, tiny.checksums)
+    assert arrays.train_images.dtype == torch.uint8
+    assert arrays.train_images.shape == (1200, 28, 28)
+    assert arrays.test_labels.shape == (300,)
+
+
+def test_validation_split_is_stratified_disjoint_and_deterministic(tiny):
+    labels = data.load(tiny.root, tiny.checksums).train_labels
+    pool, val = data.split_validation(labels, 200, seed=3)
+    again_pool, again_val = data.split_validation(labels, 200, seed=3)
+    other_pool, _ = data.split_validation(labels, 200, seed=4)
+    assert len(val) == 200 and len(pool) == 1000
+    assert not set(pool) & set(val)
+    assert np.array_equal(val, again_val) and np.array_equal(pool, again_pool)
+    assert not np.array_equal(pool, other_pool)
+    assert np.bincount(labels.numpy()[val], minlength=10).tolist() == [20] * 10
+
+
+def test_splits_keep_uint8_and_normalize_with_pool_stats(tiny_splits):
+    assert tiny_splits.train_images.dtype == torch.uint8
+    x = tiny_splits.normalize(tiny_splits.train_images)
+    assert x.shape == (1000, 1, 28, 28)
+    assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-2
+
+
+def test_pool_limit_keeps_a_stratified_slice(tiny):
+    splits = tiny.splits(pool_limit=500)
+    assert len(splits.train_labels) == 500
+    assert torch.bincount(splits.train_labels, minlength=10).tolist() == [50] * 10

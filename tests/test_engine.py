@@ -1,0 +1,151 @@
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from fmsearch import data, engine
+from fmsearch.models import build_model
+from fmsearch.semi import HIDDEN, SemiBatchSampler, collate_marked, select_labeled
+from tests.conftest import needs_real_data
+
+FAST = engine.TrainConfig(epochs=3, batch_size=32, patience=None)
+
+
+def test_loss_falls_and_accuracy_beats_chance_on_a_learnable_task(tiny_splits):
+    result = engine.fit(replace(FAST, epochs=4), tiny_splits)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert result.best["val_accuracy"] > 0.5  # chance is 0.1
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "epoch_seconds",
+        "images_per_second",
+    ):
+        assert all(key in h for h in result.history)
+
+
+def test_early_stopping_stops_at_patience_and_restores_the_best_weights(tiny_splits):
+    config = replace(FAST, epochs=30, patience=2, monitor="val_accuracy", lr=3e-3)
+    result = engine.fit(config, tiny_splits)
+    assert result.stop_reason == "early-stopped"
+    assert len(result.history) == result.best_epoch + 2
+    accuracies = [h["val_accuracy"] for h in result.history]
+    assert result.best["val_accuracy"] == max(accuracies)
+    assert accuracies.index(max(accuracies)) + 1 == result.best_epoch  # the first epoch that reached it
+    for name, tensor in result.model.state_dict().items():
+        assert torch.equal(tensor, result.best_state[name])
+    scored = engine.evaluate(
+        result.model, tiny_splits.val_images, tiny_splits.val_labels, tiny_splits.normalize
+    )
+    assert scored.accuracy == pytest.approx(result.best["val_accuracy"])
+
+
+def test_early_stopping_counts_epochs_without_a_lower_validation_loss():
+    stopper = engine.EarlyStopping(patience=3)
+    reasons = [
+        stopper(epoch, {"val_loss": loss})
+        for epoch, loss in enumerate([1.0, 0.8, 0.9, 0.7, 0.75, 0.71, 0.72], 1)
+    ]
+    assert reasons == [None, None, None, None, None, None, "early-stopped"]
+
+
+def test_an_epoch_hook_can_stop_training_with_its_reason(tiny_splits):
+    seen = []
+
+    def stop_after_two(epoch, metrics):
+        seen.append(metrics["val_accuracy"])
+        return "pruned" if epoch == 2 else None
+
+    result = engine.fit(replace(FAST, epochs=5), tiny_splits, hooks=[stop_after_two])
+    assert result.stop_reason == "pruned" and len(result.history) == 2 and len(seen) == 2
+
+
+def test_a_nan_loss_raises_divergence_at_once(tiny_splits):
+    broken = replace(tiny_splits, std=0.0)  # every normalized pixel becomes inf or NaN
+    with pytest.raises(engine.DivergenceError, match="NaN or inf in epoch 1.*lower the learning rate"):
+        engine.fit(FAST, broken)
+
+
+def test_same_seed_gives_identical_metrics_on_cpu(tiny_splits):
+    config = replace(FAST, epochs=2, augment=True)
+    first, second = engine.fit(config, tiny_splits), engine.fit(config, tiny_splits)
+    other = engine.fit(replace(config, seed=1), tiny_splits)
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    assert [[h[k] for k in keys] for h in first.history] == [[h[k] for k in keys] for h in second.history]
+    assert [h["train_loss"] for h in first.history] != [h["train_loss"] for h in other.history]
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.3])
+def test_dataloader_and_device_loader_yield_the_same_batches(tiny_splits, fraction):
+    subset = select_labeled(tiny_splits.train_labels, fraction=fraction, seed=0)
+    sampler = SemiBatchSampler(subset.labeled, subset.unlabeled, 48, seed=5)
+    dataset = TensorDataset(tiny_splits.train_images, subset.targets)
+    plain = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_marked)
+    fast = engine.DeviceLoader(tiny_splits.train_images, subset.targets, sampler)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        expected = list(plain)
+        sampler.set_epoch(epoch)
+        got = list(fast)
+        assert len(got) == len(expected) == len(sampler)
+        for (images, targets, labeled), batch in zip(expected, got, strict=True):
+            assert batch.labeled == labeled
+            assert torch.equal(batch.images, images)
+            if labeled:
+                assert torch.equal(batch.targets, targets)
+            else:
+                assert batch.targets is None and bool((targets == HIDDEN).all())
+
+
+def test_device_loader_does_not_gather_skipped_unlabeled_batches(tiny_splits):
+    subset = select_labeled(tiny_splits.train_labels, fraction=0.2, seed=0)
+    sampler = SemiBatchSampler(subset.labeled, subset.unlabeled, 32, seed=0)
+    loader = engine.DeviceLoader(tiny_splits.train_images, subset.targets, sampler, gather_unlabeled=False)
+    batches = list(loader)
+    assert all(b.images is None for b in batches if not b.labeled)
+    assert sum(len(b.indices) for b in batches if b.labeled) == len(subset.labeled)
+
+
+def test_step_schedule_divides_the_rate_by_ten_after_epochs_3_and_7(tiny_splits):
+    config = replace(FAST, epochs=8, schedule="step", optimizer="sgd", lr=0.01, batch_size=250)
+    rates = [h["lr"] for h in engine.fit(config, tiny_splits).history]
+    assert rates == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.001, 0.001, 0.0001, 0.0001])
+
+
+def test_best_weights_load_back_with_weights_only(tiny_splits, tmp_path):
+    result = engine.fit(replace(FAST, epochs=1), tiny_splits)
+    torch.save(result.best_state, tmp_path / "best.pt")
+    model = build_model("plain", 0.25)
+    model.load_state_dict(torch.load(tmp_path / "best.pt", weights_only=True))
+    before = engine.evaluate(
+        result.model, tiny_splits.test_images, tiny_splits.test_labels, tiny_splits.normalize
+    )
+    after = engine.evaluate(model, tiny_splits.test_images, tiny_splits.test_labels, tiny_splits.normalize)
+    assert after.accuracy == before.accuracy and torch.equal(after.predictions, before.predictions)
+    assert after.predictions.shape == tiny_splits.test_labels.shape
+
+
+def test_bad_configuration_is_refused_by_name():
+    with pytest.raises(ValueError, match="dropout must be in"):
+        engine.TrainConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        engine.TrainConfig(optimizer="rmsprop")
+
+
+def test_asking_for_an_absent_gpu_says_how_to_fix_it():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    with pytest.raises(ValueError, match="no CUDA GPU.*--device cpu"):
+        engine.resolve_device("cuda")
+
+
+@needs_real_data
+@pytest.mark.slow
+def test_a_short_run_on_real_fashion_mnist_learns(tmp_path):
+    splits = data.load_splits(data.DataConfig(pool_limit=6000), torch.device("cpu"))
+    result = engine.fit(engine.TrainConfig(epochs=1, patience=None), splits)
+    assert result.best["val_accuracy"] > 0.7

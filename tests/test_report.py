@@ -1,0 +1,112 @@
+import shutil
+import subprocess
+import sys
+
+import optuna
+import pytest
+from optuna.artifacts import get_all_artifact_meta
+from optuna_dashboard import get_note
+from PIL import Image
+
+from fmsearch import report, spec, study
+from tests.conftest import write_study
+
+FIGURES = {"curves.png", "fraction.png", "search.png", "confusion.png"}
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_study, tmp_path_factory):
+    """The report of the tiny study, drawn from a copy of its storage."""
+    folder = tmp_path_factory.mktemp("report")
+    shutil.copy(tiny_study.storage.removeprefix("sqlite:///"), folder / "studies.db")
+    storage = f"sqlite:///{folder}/studies.db"
+    summary, images = report.write_report(
+        storage, "tiny", folder / "results", artifact_dir=folder / "artifacts"
+    )
+    return storage, summary, images
+
+
+def test_report_draws_every_figure_the_data_supports(tiny_report):
+    _, summary, images = tiny_report
+    assert {p.name for p in images} >= FIGURES
+    for image in images:
+        with Image.open(image) as png:
+            assert png.width >= 1000 and png.height >= 400
+            assert round(png.info["dpi"][0]) >= 150
+
+
+def test_summary_gives_the_answer_first_then_a_table_per_condition(tiny_report):
+    _, summary, images = tiny_report
+    text = summary.read_text()
+    lines = text.splitlines()
+    assert lines[0] == "# Study `tiny`"
+    assert "labels=100%: test accuracy" in text.split("##")[0]  # the answer comes before any table
+    for name in ("tiny/labels=100%", "tiny/labels=50%"):
+        section = text.split(f"## {name}\n", 1)[1].split("##")[0]
+        for row in (
+            "validation accuracy",
+            "test accuracy",
+            "trials complete / pruned / failed",
+            "epochs spent / every trial to max epochs",
+            "training wall time",
+        ):
+            assert f"| {row} |" in section
+    for image in images:
+        assert f"({image.name})" in text
+
+
+def test_report_saves_the_note_and_uploads_the_figures_to_the_dashboard(tiny_report):
+    storage, _, images = tiny_report
+    for name in ("tiny/labels=100%", "tiny/labels=50%"):
+        loaded = optuna.load_study(study_name=name, storage=storage)
+        assert get_note(loaded).startswith("# Study `tiny`")
+        assert {meta.filename for meta in get_all_artifact_meta(loaded)} == {p.name for p in images}
+
+
+def test_a_study_with_no_finished_trial_gets_a_message_not_an_empty_figure(tmp_path, tiny):
+    empty = spec.parse(write_study(tmp_path, name="empty"))
+    options = study.RunOptions(storage=f"sqlite:///{tmp_path}/s.db", data_config=tiny.config())
+    study.prepare(empty, options)
+    with pytest.raises(
+        report.ReportError, match="'empty' has no finished trial yet: run `make study STUDY=empty`"
+    ):
+        report.write_report(options.storage, "empty", tmp_path / "results")
+    assert not (tmp_path / "results" / "empty").exists()
+
+
+def test_an_unknown_study_is_named_with_the_command_to_run(tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(storage=storage, study_name="other")
+    with pytest.raises(report.ReportError, match="no study named 'nothing'.*make study STUDY=nothing"):
+        report.write_report(storage, "nothing", tmp_path)
+
+
+def test_a_single_condition_study_draws_no_fraction_plot(tmp_path, tiny):
+    from tests.conftest import TINY_STUDY, run_tiny_study
+
+    run = run_tiny_study(tmp_path, tiny, TINY_STUDY.replace("[1.0, 0.5]", "[0.5]"), name="single")
+    _, images = report.write_report(run.storage, "single", tmp_path / "results")
+    names = {p.name for p in images}
+    assert "fraction.png" not in names and {"curves.png", "search.png", "confusion.png"} <= names
+
+
+def test_cli_report_errors_are_one_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fmsearch.cli",
+            "report",
+            "nothing",
+            "--storage",
+            f"sqlite:///{tmp_path}/s.db",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "fmsearch report: error: no study named 'nothing' in the storage: "
+        "run `make study STUDY=nothing` first"
+    ]

@@ -1,0 +1,110 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from fmsearch import spec
+from tests.conftest import TINY_STUDY
+
+STUDIES = sorted(Path("studies").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_every_shipped_study_file_is_valid(path):
+    parsed = spec.parse(path)
+    assert parsed.name == path.stem and parsed.trials >= 1 and parsed.description
+
+
+def test_shipped_studies_are_the_ones_the_readme_names():
+    assert {p.stem for p in STUDIES} >= {"smoke", "semi", "full", "fraction"}
+
+
+def test_semi_makes_the_labeled_fraction_a_condition_not_a_dimension():
+    semi = spec.parse(Path("studies/semi.toml"))
+    assert semi.conditions["labeled_fraction"] == (1.0, 0.1)
+    assert "labeled_fraction" not in semi.space
+    assert [semi.study_name(c) for c in semi.condition_list()] == ["semi/labels=100%", "semi/labels=10%"]
+
+
+def test_fraction_study_has_seven_label_budgets():
+    fraction = spec.parse(Path("studies/fraction.toml"))
+    assert fraction.conditions["labeled_fraction"] == (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+BAD = [
+    ("colour = 1", "colour: unknown key"),
+    ("[space]\nwidth = [1, 2]", "space.width: unknown parameter"),
+    ("[space]\nlr = { low = 1e-2, high = 1e-4 }", "space.lr: low 0.01 is not below high 0.0001; swap them"),
+    ("[space]\nlr = { low = 0.0, high = 1.0, log = true }", "space.lr: a log range needs low > 0"),
+    (
+        "[space]\narch = ['plain', 'resnet']",
+        "space.arch: unknown value 'resnet'; choose from ['adaptive', 'plain']",
+    ),
+    ("[space]\narch = []", "space.arch: empty list; list at least one value"),
+    ("[space]\ndropout = { low = 0.1 }", "space.dropout: a range needs both low and high"),
+    ("[fixed]\nlr = 'fast'", "fixed.lr: 'fast' is not a float"),
+    ("trials = 0", "trials: 0 is not a positive integer"),
+    ("trials = 'ten'", "trials: 'ten' is not a positive integer"),
+    ("[pruner]\nname = 'asha'", "pruner.name: unknown pruner 'asha'"),
+    ("[pruner]\nwarmup = 2", "pruner.warmup: unknown key"),
+    ("[conditions]\nlabeled_fraction = []", "conditions.labeled_fraction: must be a non-empty list"),
+    ("[fixed]\ndropout = 1.5", "fixed/conditions: dropout must be in [0, 1)"),
+    ("[fixed]\nlr = 1e-3\n[space]\nlr = [1e-3]", "space.lr: also set in [fixed]"),
+    ("trials = [", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD, ids=[b[1].split(":")[0] for b in BAD])
+def test_a_bad_study_file_gets_one_line_naming_the_file_and_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(spec.SpecError) as caught:
+        spec.parse(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_cli_refuses_a_bad_study_file_in_one_line_before_training(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[space]\narch = ['plain', 'vgg']\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "fmsearch.cli", "study", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "space.arch: unknown value 'vgg'" in result.stderr
+    assert not (tmp_path / "s.db").exists()  # nothing was created, let alone trained
+
+
+def test_an_unknown_study_name_lists_the_known_ones():
+    with pytest.raises(spec.SpecError, match=r"no such study file; choose one of \[.*'semi'.*'smoke'"):
+        spec.find("sem", Path("studies"))
+
+
+def test_conditional_dimensions_are_suggested_only_where_they_apply(tmp_path):
+    tiny = spec.parse(tmp_path.joinpath("tiny.toml"), TINY_STUDY)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    full, half = tiny.condition_list()
+    for condition in [full] * 5 + [half] * 20:
+        trial = study.ask()
+        config = spec.suggest(trial, tiny, condition)
+        assert config.labeled_fraction == condition["labeled_fraction"]
+        names = set(trial.params)
+        assert names >= {"arch", "lr", "dropout"}
+        assert ("unlabeled" in names) == (condition["labeled_fraction"] < 1)
+        assert ("tau" in names) == (trial.params.get("unlabeled") == "pseudo")
+        study.tell(trial, 0.5)
+
+
+def test_suggest_uses_the_spec_names_and_the_run_limits(tmp_path):
+    tiny = spec.parse(tmp_path.joinpath("tiny.toml"), TINY_STUDY)
+    trial = optuna.create_study().ask()
+    config = spec.suggest(trial, tiny, {"labeled_fraction": 1.0}, max_epochs=7)
+    assert (config.epochs, config.batch_size, config.patience) == (7, 32, 2)
+    assert config.lr == trial.params["lr"] and config.arch == trial.params["arch"]
