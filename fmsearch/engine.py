@@ -305,7 +305,6 @@ def fit(
         return x.contiguous(memory_format=torch.channels_last) if config.channels_last and cuda else x
 
     optimizer = _optimizer(config, model)
-    optimizer.zero_grad(set_to_none=True)
     scheduler = _scheduler(config, optimizer)
     sampler = SemiBatchSampler(subset.labeled, subset.unlabeled, config.batch_size, seed=config.seed)
     loader = DeviceLoader(splits.train_images, targets, sampler)
@@ -325,8 +324,6 @@ def fit(
             early_stopping.reset()  # patience counts from the start of the semi-supervised phase
         loader.gather_unlabeled = use_unlabeled
         steps = sampler.labeled_batches + (sampler.unlabeled_batches if use_unlabeled else 0)
-        # FixMatch's step is L_s + lambda_u * mean L_u: unlabeled gradients wait for the next labeled batch.
-        unlabeled_per_labeled = max(sampler.unlabeled_batches / max(sampler.labeled_batches, 1), 1.0)
         if progress is not None:
             progress.epoch_start(epoch, steps)
         train_model.train()
@@ -353,12 +350,9 @@ def fit(
                     sums[2] += loss.detach() * len(batch.indices)
                     pseudo_record[batch.indices] = outcome.pseudo_labels
                     unlabeled_seen += len(batch.indices)
-            if batch.labeled:
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                (loss / unlabeled_per_labeled).backward()  # accumulates into the next labeled step
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
             if progress is not None:
                 progress.step()

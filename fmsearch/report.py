@@ -291,27 +291,16 @@ def plot_search(conditions: list[Condition], out: Path) -> Path:
 
     if not done.empty:
         palette = {c.label: c.colour for c in conditions}
-        sns.boxplot(
-            data=done,
-            x="arch",
-            y="value",
-            hue="condition",
-            palette=palette,
-            ax=by_arch,
-            showfliers=False,
-            boxprops={"alpha": 0.35},
-        )
-        sns.stripplot(
-            data=done,
-            x="arch",
-            y="value",
-            hue="condition",
-            palette=palette,
-            ax=by_arch,
-            dodge=True,
-            size=4,
-            legend=False,
-        )
+        axes_and_data = {
+            "data": done,
+            "x": "arch",
+            "y": "value",
+            "hue": "condition",
+            "palette": palette,
+            "ax": by_arch,
+        }
+        sns.boxplot(**axes_and_data, showfliers=False, boxprops={"alpha": 0.35})
+        sns.stripplot(**axes_and_data, dodge=True, size=4, legend=False)
         by_arch.legend(fontsize=7, title=None, loc="lower right")
     by_arch.set_title("Validation accuracy by architecture")
     by_arch.set_xlabel("architecture")

@@ -35,6 +35,20 @@ def learnable_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return images
 
 
+def texture_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Class k is stripes of period 2 + k // 2, horizontal for even k, vertical for odd, at a random phase.
+
+    Unlike the squares above, a class survives flips, shifts and cutout: what semi-supervised
+    augmentations assume of clothing.
+    """
+    period = 2 + labels // 2
+    phase = rng.integers(0, 8, size=len(labels))
+    wave = (np.arange(28)[None, :] + phase[:, None]) % (2 * period[:, None]) < period[:, None]  # (N, 28)
+    stripes = np.where((labels % 2 == 0)[:, None, None], wave[:, :, None], wave[:, None, :])
+    base = rng.integers(60, 120, size=(len(labels), 1, 1))
+    return np.clip(base + 90 * stripes + rng.normal(0, 30, size=stripes.shape), 0, 255)
+
+
 @dataclass
 class TinyData:
     root: Path
@@ -48,14 +62,16 @@ class TinyData:
         return data.load_splits(self.config(**overrides), torch.device("cpu"))
 
 
-def write_tiny_fashion_mnist(root: Path, n_train: int = 1200, n_test: int = 300, seed: int = 0) -> TinyData:
+def write_tiny_fashion_mnist(
+    root: Path, n_train: int = 1200, n_test: int = 300, seed: int = 0, draw=learnable_images
+) -> TinyData:
     rng = np.random.default_rng(seed)
     raw = data.raw_folder(root)
     raw.mkdir(parents=True, exist_ok=True)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         labels = np.arange(n) % 10
         rng.shuffle(labels)
-        write_idx_images(raw / f"{prefix}-images-idx3-ubyte", learnable_images(labels, rng))
+        write_idx_images(raw / f"{prefix}-images-idx3-ubyte", draw(labels, rng))
         write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
     checksums = {
         name: ((raw / name).stat().st_size, hashlib.md5((raw / name).read_bytes()).hexdigest())
@@ -68,6 +84,12 @@ def write_tiny_fashion_mnist(root: Path, n_train: int = 1200, n_test: int = 300,
 def tiny(tmp_path_factory) -> TinyData:
     """A learnable 1,200/300-image dataset in Fashion-MNIST's IDX format (read-only: don't modify)."""
     return write_tiny_fashion_mnist(tmp_path_factory.mktemp("tiny-fmnist"))
+
+
+@pytest.fixture(scope="session")
+def textures(tmp_path_factory) -> TinyData:
+    """A 1,200/300-image stripe-texture dataset whose classes survive the semi-supervised augmentations."""
+    return write_tiny_fashion_mnist(tmp_path_factory.mktemp("textures"), draw=texture_images)
 
 
 @pytest.fixture(scope="session")

@@ -156,25 +156,27 @@ def test_scrambling_hidden_labels_leaves_training_bit_identical(tiny):
     assert a.history[-1]["pseudo_accuracy"] != b.history[-1]["pseudo_accuracy"]
 
 
-def test_pseudo_labels_beat_skipping_on_a_small_learnable_task(tiny):
-    splits = tiny.splits()
+def test_pseudo_labels_beat_skipping_on_a_small_learnable_task(textures):
+    """50 labels of 1,000: after 6 labeled-only epochs, pseudo-labels must add at least 3 points."""
+    splits = textures.splits()
     results = {}
     for unlabeled in ("skip", "pseudo"):
         accuracies = []
         for seed in range(3):
             config = engine.TrainConfig(
-                epochs=12,
-                batch_size=16,
+                epochs=14,
+                batch_size=10,
                 lr=2e-3,
-                labeled_count=20,
+                schedule="cosine",
+                labeled_count=50,
                 unlabeled=unlabeled,
                 tau=0.9,
-                lambda_u=1.0,
-                warmup_epochs=4,
+                lambda_u=0.25,
+                warmup_epochs=6,
                 patience=None,
                 seed=seed,
                 monitor="val_accuracy",
             )
             accuracies.append(engine.fit(config, splits).best["val_accuracy"])
         results[unlabeled] = np.mean(accuracies)
-    assert results["pseudo"] > results["skip"] + 0.02, results
+    assert results["pseudo"] > results["skip"] + 0.03, results

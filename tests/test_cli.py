@@ -1,0 +1,106 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tests.conftest import REAL_ROOT, needs_real_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fmsearch(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FMSEARCH_DATA": str(REAL_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "fmsearch.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--lr", "-1"], "argument --lr: must be positive, got -1"),
+        (["train", "--arch", "resnet"], "argument --arch: invalid choice: 'resnet'"),
+        (["train", "--dropout", "2"], "argument --dropout: must be in [0, 1], got 2"),
+        (["study"], "the following arguments are required: name"),
+        (["study", "semi", "--jobs", "0"], "argument --jobs: must be at least 1, got 0"),
+    ],
+)
+def test_bad_arguments_get_one_line_and_exit_2(args, message):
+    result = fmsearch(*args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_absent_gpu_is_one_line(tmp_path):
+    result = fmsearch("train", "--device", "cuda", "--epochs", "1")
+    if "no CUDA GPU" not in result.stderr:
+        pytest.skip("a CUDA GPU is present")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+
+
+def test_help_states_the_defaults():
+    result = fmsearch("train", "--help")
+    assert "(default 0.001)" in result.stdout and "(default plain)" in result.stdout
+
+
+@needs_real_data
+@pytest.mark.slow
+def test_train_prints_the_epoch_table_and_the_test_score(tmp_path):
+    result = fmsearch(
+        "train",
+        "--epochs",
+        "2",
+        "--pool-limit",
+        "3000",
+        "--device",
+        "cpu",
+        "--json",
+        "run.json",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:5] == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+    assert [line.split()[0] for line in lines[1:3]] == ["1", "2"]
+    test_accuracy = float(lines[-1].split()[-1])
+    assert lines[-1].startswith("test_loss") and 0.7 < test_accuracy <= 1.0
+    assert (tmp_path / "run.json").exists()
+
+
+@needs_real_data
+@pytest.mark.slow
+def test_a_short_study_on_real_data_runs_reports_and_resumes(tmp_path):
+    """The smoke study cut to one trial of two epochs per condition, end to end through the CLI."""
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    smoke = str(REPO / "studies" / "smoke.toml")
+    first = fmsearch("study", smoke, "--trials", "1", "--epochs", "2", "--storage", storage, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = first.stdout
+    assert "cost: at most 2 conditions x 1 trials x 2 epochs" in out and "smaller: --trials, --epochs" in out
+    assert "smoke/labels=100% #0 COMPLETE" in out and "smoke/labels=10% #0 COMPLETE" in out
+    assert "test_accuracy" in out
+    for name in ("smoke/labels=100%", "smoke/labels=10%"):
+        study = optuna.load_study(study_name=name, storage=storage)
+        assert len(study.trials) == 1 and study.user_attrs["test"]["test_accuracy"] > 0.5
+    assert (tmp_path / "results" / "smoke" / "labels-100pct-best.pt").exists()
+
+    again = fmsearch("study", smoke, "--trials", "1", "--epochs", "2", "--storage", storage, cwd=tmp_path)
+    assert again.returncode == 0 and "#1" not in again.stdout  # resumed: nothing left to run
+
+    report = fmsearch("report", "smoke", "--storage", storage, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "results" / "smoke" / "summary.md").read_text().startswith("# Study `smoke`")
+
+
+@needs_real_data
+def test_data_command_names_its_source():
+    result = fmsearch("data")
+    assert result.returncode == 0 and result.stdout.startswith("data: local files in ")
