@@ -143,7 +143,7 @@ def plot_curves(conditions: list[Condition], out: Path) -> Path:
                     label=f"{c.label} (best trial #{best.trial.iloc[0]})",
                 )
         ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch" if ax in axes[1] else "")  # the shared axis is labeled under the bottom row
         ax.set_ylabel(unit)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     handles, labels = axes[0, 0].get_legend_handles_labels()
@@ -260,6 +260,7 @@ def plot_search(conditions: list[Condition], out: Path) -> Path:
             history.step(done.trial, done.value.cummax(), where="post", color=c.colour, linewidth=1.6)
     history.set_title("Optimization history (line: best so far)")
     history.set_xlabel("trial number")
+    history.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     history.set_ylabel("validation accuracy (fraction)")
     history.legend(fontsize=7, loc="lower right")
 
@@ -282,12 +283,17 @@ def plot_search(conditions: list[Condition], out: Path) -> Path:
             label=c.label,
         )
     scatter.set_xscale("log")
+    _span_searched_range(scatter, conditions)
     scatter.set_title("Learning rate against dropout (complete trials)")
     scatter.set_xlabel("learning rate (log scale)")
     scatter.set_ylabel("dropout probability")
     if points is not None and not done.empty:
         fig.colorbar(points, ax=scatter, label="validation accuracy (fraction)")
-        scatter.legend(fontsize=7, loc="best")
+        shapes = [  # the marker shape names the condition; colour is the value
+            matplotlib.lines.Line2D([], [], marker=markers[c.label], color="0.5", linestyle="", label=c.label)
+            for c in conditions
+        ]
+        scatter.legend(handles=shapes, fontsize=7, loc="best")
 
     if not done.empty:
         palette = {c.label: c.colour for c in conditions}
@@ -305,8 +311,20 @@ def plot_search(conditions: list[Condition], out: Path) -> Path:
     by_arch.set_title("Validation accuracy by architecture")
     by_arch.set_xlabel("architecture")
     by_arch.set_ylabel("validation accuracy (fraction)")
+    fig.get_layout_engine().set(wspace=0.06)  # room between the colour bar's label and the next panel
     fig.suptitle("What the search found")
     return _save(fig, out / "search.png")
+
+
+def _span_searched_range(ax: plt.Axes, conditions: list[Condition]) -> None:
+    """Set the lr (log) and dropout axes to the ranges the study searched, with readable ticks."""
+    for name, set_limits in (("lr", ax.set_xlim), ("dropout", ax.set_ylim)):
+        ranges = [t.distributions[name] for c in conditions for t in c.trials if name in t.distributions]
+        if ranges:
+            set_limits(min(r.low for r in ranges), max(r.high for r in ranges))
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def importances(condition: Condition) -> dict[str, float] | None:
@@ -389,7 +407,7 @@ def plot_confusion(conditions: list[Condition], out: Path) -> Path | None:
     bars.set_xlabel("accuracy (fraction)")
     bars.set_ylabel("")
     bars.set_xlim(0, 1)
-    bars.legend(fontsize=8, loc="lower left")
+    bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(tested), frameon=False)
     fig.suptitle("Test-set confusion of each condition's best trial (rows: true class, normalized)")
     return _save(fig, out / "confusion.png")
 
