@@ -110,7 +110,7 @@ def open_storage(
     except Exception as error:  # sqlalchemy raises many types for a bad URL or an absent driver
         raise StudyError(
             f"cannot open storage {url!r} ({type(error).__name__}: {str(error).splitlines()[0]}); "
-            "use sqlite:///path.db or postgresql://user:pass@host/db (pip install psycopg2-binary)"
+            "use sqlite:///path.db or postgresql://user:pass@host/db (pip install -e .[postgres])"
         ) from None
 
 
