@@ -62,16 +62,15 @@ study: data ## run or resume a study, then report: make study STUDY=semi [TRIALS
 report: $(STAMP) ## redraw a study's figures and summary.md from the storage: make report STUDY=semi
 	$(BIN)/fmsearch report $(STUDY) --storage $(STORAGE)
 
-dashboard: $(STAMP) ## serve optuna-dashboard on 127.0.0.1:$(PORT) (PORT= overrides)
+dashboard: $(STAMP) ## serve optuna-dashboard on 127.0.0.1:8080 (PORT= overrides)
 	$(BIN)/fmsearch dashboard --storage $(STORAGE) --port $(PORT)
 
 bench: data ## fmsearch's loop against a plain DataLoader loop on the same device
 	$(BIN)/fmsearch bench $(ARGS)
 
-clean: ## remove generated results (keeps the study database), caches and build files
+clean: ## remove caches and build files (results stay)
 	rm -rf .pytest_cache .ruff_cache *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
-	find results -mindepth 1 -not -name README.md -not -name 'studies.db*' -delete 2>/dev/null || true
 
-distclean: clean ## also remove .venv, data/ and the study database
-	rm -rf $(VENV) data results/studies.db*
+distclean: clean ## also remove .venv, data/, the study database, artifacts and weights
+	rm -rf $(VENV) data results/studies.db* results/artifacts results/*/weights results/*/*.pt
