@@ -319,7 +319,12 @@ def plot_search(conditions: list[Condition], out: Path) -> Path:
 def _span_searched_range(ax: plt.Axes, conditions: list[Condition]) -> None:
     """Set the lr (log) and dropout axes to the ranges the study searched, with readable ticks."""
     for name, set_limits in (("lr", ax.set_xlim), ("dropout", ax.set_ylim)):
-        ranges = [t.distributions[name] for c in conditions for t in c.trials if name in t.distributions]
+        ranges = [
+            t.distributions[name]
+            for c in conditions
+            for t in c.trials
+            if isinstance(t.distributions.get(name), optuna.distributions.FloatDistribution)
+        ]  # a categorical lr or dropout (a list in [space]) keeps matplotlib's own limits
         if ranges:
             set_limits(min(r.low for r in ranges), max(r.high for r in ranges))
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))

@@ -110,3 +110,12 @@ def test_cli_report_errors_are_one_line(tmp_path):
         "fmsearch report: error: no study named 'nothing' in the storage: "
         "run `make study STUDY=nothing` first"
     ]
+
+
+def test_a_categorical_learning_rate_is_drawn_too(tmp_path, tiny):
+    from tests.conftest import TINY_STUDY, run_tiny_study
+
+    text = TINY_STUDY.replace("lr = { low = 1e-3, high = 3e-3, log = true }", "lr = [1e-3, 3e-3]")
+    run = run_tiny_study(tmp_path, tiny, text.replace("[1.0, 0.5]", "[1.0]"), name="listed")
+    _, images = report.write_report(run.storage, "listed", tmp_path / "results")
+    assert "search.png" in {p.name for p in images}
