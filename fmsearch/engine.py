@@ -292,6 +292,7 @@ def fit(
     subset = subset if subset is not None else _make_subset(config, splits)
     objective = make_objective(config.unlabeled, config.tau, config.lambda_u)
     targets = subset.targets.to(device)
+    hidden = subset.hidden.to(device)  # read only after each epoch, for pseudo-label accuracy
 
     model = build_model(config.arch, config.dropout).to(device)
     cuda = device.type == "cuda"
@@ -380,7 +381,7 @@ def fit(
             "images_per_second": (labeled_seen + unlabeled_seen) / train_seconds,
         }
         if objective.gathers_images:
-            pseudo_accuracy, kept = pseudo_label_accuracy(pseudo_record, subset.hidden.to(device))
+            pseudo_accuracy, kept = pseudo_label_accuracy(pseudo_record, hidden)
             metrics["unlabeled_loss"] = unlabeled_loss_sum / max(unlabeled_seen, 1)
             metrics["mask_rate"] = kept / unlabeled_seen if unlabeled_seen else 0.0
             metrics["pseudo_accuracy"] = pseudo_accuracy

@@ -168,6 +168,22 @@ tau = { low = 0.8, high = 0.95 }
 """
 
 
+SPACE = """arch = ['plain', 'adaptive']
+lr = { low = 1e-3, high = 3e-3, log = true }
+dropout = { low = 0.0, high = 0.5 }"""
+
+
+def study_text(
+    trials=3, max_epochs=3, patience=2, pruner="name = 'none'", fixed="optimizer = 'adam'", space=SPACE
+):
+    """A one-condition (full labels) study file for the tiny data."""
+    return (
+        f'description = "a test study"\ntrials = {trials}\nmax_epochs = {max_epochs}\nbatch_size = 32\n'
+        f"patience = {patience}\n\n[sampler]\nname = 'tpe'\nseed = 0\n\n[pruner]\n{pruner}\n\n"
+        f"[fixed]\n{fixed}\n\n[conditions]\nlabeled_fraction = [1.0]\n\n[space]\n{space}\n"
+    )
+
+
 def write_study(folder: Path, text: str = TINY_STUDY, name: str = "tiny") -> Path:
     path = folder / f"{name}.toml"
     path.write_text(text)

@@ -39,7 +39,7 @@ def test_bad_arguments_get_one_line_and_exit_2(args, message):
     assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_an_absent_gpu_is_one_line(tmp_path):
+def test_an_absent_gpu_is_one_line():
     result = fmsearch("train", "--device", "cuda", "--epochs", "1")
     if "no CUDA GPU" not in result.stderr:
         pytest.skip("a CUDA GPU is present")

@@ -9,7 +9,7 @@ from optuna_dashboard import get_note
 from PIL import Image
 
 from fmsearch import report, spec, study
-from tests.conftest import write_study
+from tests.conftest import TINY_STUDY, run_tiny_study, study_text, write_study
 
 FIGURES = {"curves.png", "fraction.png", "search.png", "confusion.png"}
 
@@ -82,8 +82,6 @@ def test_an_unknown_study_is_named_with_the_command_to_run(tmp_path):
 
 
 def test_a_single_condition_study_draws_no_fraction_plot(tmp_path, tiny):
-    from tests.conftest import TINY_STUDY, run_tiny_study
-
     run = run_tiny_study(tmp_path, tiny, TINY_STUDY.replace("[1.0, 0.5]", "[0.5]"), name="single")
     _, images = report.write_report(run.storage, "single", tmp_path / "results")
     names = {p.name for p in images}
@@ -113,9 +111,7 @@ def test_cli_report_errors_are_one_line(tmp_path):
 
 
 def test_a_categorical_learning_rate_is_drawn_too(tmp_path, tiny):
-    from tests.conftest import TINY_STUDY, run_tiny_study
-
-    text = TINY_STUDY.replace("lr = { low = 1e-3, high = 3e-3, log = true }", "lr = [1e-3, 3e-3]")
-    run = run_tiny_study(tmp_path, tiny, text.replace("[1.0, 0.5]", "[1.0]"), name="listed")
+    text = study_text(space="arch = ['plain']\nlr = [1e-3, 3e-3]\ndropout = { low = 0.0, high = 0.5 }")
+    run = run_tiny_study(tmp_path, tiny, text, name="listed")
     _, images = report.write_report(run.storage, "listed", tmp_path / "results")
     assert "search.png" in {p.name for p in images}

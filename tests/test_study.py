@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import OperationalError
 
 from fmsearch import study
-from tests.conftest import run_tiny_study
+from tests.conftest import run_tiny_study, study_text
 
 RECORDED = {
     "history",
@@ -32,22 +32,6 @@ RECORDED = {
 
 def trials_of(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-
-
-SPACE = """arch = ['plain', 'adaptive']
-lr = { low = 1e-3, high = 3e-3, log = true }
-dropout = { low = 0.0, high = 0.5 }"""
-
-
-def study_text(
-    trials=3, max_epochs=3, patience=2, pruner="name = 'none'", fixed="optimizer = 'adam'", space=SPACE
-):
-    """A one-condition (full labels) study file for the tiny data."""
-    return (
-        f'description = "a test study"\ntrials = {trials}\nmax_epochs = {max_epochs}\nbatch_size = 32\n'
-        f"patience = {patience}\n\n[sampler]\nname = 'tpe'\nseed = 0\n\n[pruner]\n{pruner}\n\n"
-        f"[fixed]\n{fixed}\n\n[conditions]\nlabeled_fraction = [1.0]\n\n[space]\n{space}\n"
-    )
 
 
 def test_tiny_study_finishes_every_condition_and_records_everything(tiny_study):
