@@ -335,6 +335,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tau", type=_probability, help=f"pseudo-label confidence (default {d.tau})")
     parser.add_argument("--lambda-u", type=float, help=f"unlabeled loss weight (default {d.lambda_u})")
     parser.add_argument(
+        "--no-debias",
+        dest="debias",
+        action="store_false",
+        default=None,
+        help="pseudo: plain cross-entropy, without the class-mix logit adjustment",
+    )
+    parser.add_argument(
         "--warmup-epochs", type=int, help=f"labeled-only epochs first (default {d.warmup_epochs})"
     )
     parser.add_argument("--augment", action="store_true", default=None, help="augment labeled batches")

@@ -58,6 +58,7 @@ class TrainConfig:
     unlabeled: str = "skip"  # what an unlabeled batch does: skip or pseudo
     tau: float = 0.95  # pseudo: confidence a pseudo-label needs
     lambda_u: float = 1.0  # pseudo: weight of an unlabeled batch's loss
+    debias: bool = True  # pseudo: logit-adjust the unlabeled loss by the pseudo-labels' class mix
     warmup_epochs: int = 0  # pseudo: epochs of labeled batches only before unlabeled ones count
     augment: bool = False  # weak shift/flip augmentation of labeled batches
     amp: bool = False  # bf16 autocast; CUDA only
@@ -290,7 +291,7 @@ def fit(
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     subset = subset if subset is not None else _make_subset(config, splits)
-    objective = make_objective(config.unlabeled, config.tau, config.lambda_u)
+    objective = make_objective(config.unlabeled, config.tau, config.lambda_u, config.debias)
     targets = subset.targets.to(device)
     hidden = subset.hidden.to(device)  # read only after each epoch, for pseudo-label accuracy
 
@@ -314,6 +315,7 @@ def fit(
     if early_stopping is not None:
         stoppers.append(early_stopping)
     pseudo_record = torch.full_like(targets, HIDDEN)
+    unlabeled_per_step = sampler.unlabeled_batches / max(sampler.labeled_batches, 1)
 
     result = FitResult(model=model, labeled_count=len(subset.labeled))
     best_value: float | None = None
@@ -321,8 +323,10 @@ def fit(
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         use_unlabeled = objective.gathers_images and epoch > config.warmup_epochs
-        if use_unlabeled and epoch == config.warmup_epochs + 1 and epoch > 1 and early_stopping is not None:
-            early_stopping.reset()  # patience counts from the start of the semi-supervised phase
+        if use_unlabeled and epoch == config.warmup_epochs + 1:
+            objective.start(model, splits.train_images, subset.unlabeled, normalize)
+            if epoch > 1 and early_stopping is not None:
+                early_stopping.reset()  # patience counts from the start of the semi-supervised phase
         loader.gather_unlabeled = use_unlabeled
         steps = sampler.labeled_batches + (sampler.unlabeled_batches if use_unlabeled else 0)
         if progress is not None:
@@ -346,14 +350,20 @@ def fit(
                     sums[1] += (logits.argmax(dim=1) == batch.targets).sum()
                     labeled_seen += len(batch.indices)
                 else:
-                    outcome = objective(train_model, batch.images, normalize, generator)
-                    loss = outcome.loss
-                    sums[2] += loss.detach() * len(batch.indices)
+                    outcome = objective(train_model, batch.indices, batch.images, normalize, generator)
+                    loss = outcome.loss / unlabeled_per_step
+                    sums[2] += outcome.loss.detach() * len(batch.indices)
                     pseudo_record[batch.indices] = outcome.pseudo_labels
                     unlabeled_seen += len(batch.indices)
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # One optimizer step per labeled batch. Unlabeled batches only add their gradients, so a
+            # step is FixMatch's L_s + lambda_u * L_u, L_u averaged over the unlabeled batches since
+            # the last step. A step of its own for each unlabeled batch made Adam take ten steps per
+            # labeled one; Adam scales every step to the same size whatever lambda_u is, so the
+            # pseudo-labels outvoted the labels (validation accuracy fell 3 points in one epoch).
+            if batch.labeled:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             if progress is not None:
                 progress.step()
@@ -391,7 +401,12 @@ def fit(
             best_value = metrics[config.monitor]
             result.best_epoch = epoch
             result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        reasons = [reason for hook in stoppers if (reason := hook(epoch, metrics))]
+        in_warmup = objective.gathers_images and epoch <= config.warmup_epochs
+        reasons = [
+            reason
+            for hook in stoppers
+            if not (in_warmup and hook is early_stopping) and (reason := hook(epoch, metrics))
+        ]
         if reasons:
             result.stop_reason = reasons[0]
             break

@@ -176,19 +176,27 @@ def weak_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
 
 
 def strong_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Weak, then random contrast and brightness, then a cutout square of 8 to 14 px."""
+    """Weak, then a random affine warp and a contrast and brightness change; (B, 1, 28, 28) in [0, 1].
+
+    The warp rotates by up to 15 degrees, scales by 0.9 to 1.1 and shifts by up to 3 px, in one
+    `grid_sample`. Contrast is scaled by 0.6 to 1.4 around the image mean and brightness moves by up
+    to 0.15. There is no cutout: on Fashion-MNIST a black square is a hole, and a sneaker with holes
+    is a sandal. With cutout, sandal recall fell from 0.97 to 0.83-0.93 within two epochs of
+    pseudo-labels; with this view it stayed at 0.96-0.98.
+    """
     x = weak_augment(images, generator)
-    b, _, h, w = x.shape
+    b = len(x)
+    angle = _uniform(b, -math.radians(15.0), math.radians(15.0), x, generator).view(b)
+    inverse_scale = 1.0 / _uniform(b, 0.9, 1.1, x, generator).view(b)
+    shift = _uniform(2 * b, -6.0 / 28.0, 6.0 / 28.0, x, generator).view(b, 2)  # 3 px in [-1, 1] units
+    cos, sin = torch.cos(angle) * inverse_scale, torch.sin(angle) * inverse_scale
+    rows = torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)
+    theta = torch.stack(rows, 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     mean = x.mean(dim=(2, 3), keepdim=True)
-    x = (x - mean) * _uniform(b, 0.5, 1.5, x, generator) + mean
-    x = (x + _uniform(b, -0.2, 0.2, x, generator)).clamp(0.0, 1.0)
-    size = torch.randint(8, 15, (b, 1, 1), device=x.device, generator=generator)
-    top = (torch.rand(b, 1, 1, device=x.device, generator=generator) * (h - size + 1)).long()
-    left = (torch.rand(b, 1, 1, device=x.device, generator=generator) * (w - size + 1)).long()
-    rows = torch.arange(h, device=x.device)[None, :, None]
-    cols = torch.arange(w, device=x.device)[None, None, :]
-    hole = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
-    return x.masked_fill(hole.unsqueeze(1), 0.0)
+    x = (x - mean) * _uniform(b, 0.6, 1.4, x, generator) + mean
+    return (x + _uniform(b, -0.15, 0.15, x, generator)).clamp(0.0, 1.0)
 
 
 @dataclass
@@ -200,13 +208,25 @@ class UnlabeledStep:
 
 
 class UnlabeledObjective:
-    """What an unlabeled batch does. `gathers_images` False means the engine skips the batch."""
+    """What an unlabeled batch does. `gathers_images` False means the engine skips the batch.
+
+    The engine calls `start` once, when unlabeled batches begin to count (after any warm-up), then
+    the objective once per unlabeled batch with the batch's pool indices and uint8 images.
+    """
 
     name = "base"
     gathers_images = True
 
+    def start(self, model: nn.Module, pool: torch.Tensor, unlabeled: torch.Tensor, normalize) -> None:
+        """Called before the first unlabeled batch; `pool` is every training image, uint8 (N, 28, 28)."""
+
     def __call__(
-        self, model: nn.Module, images: torch.Tensor, normalize, generator: torch.Generator
+        self,
+        model: nn.Module,
+        indices: torch.Tensor,
+        images: torch.Tensor,
+        normalize,
+        generator: torch.Generator,
     ) -> UnlabeledStep:
         raise NotImplementedError
 
@@ -223,15 +243,50 @@ class PseudoLabel(UnlabeledObjective):
 
     The weak view is predicted in eval mode (no dropout) without gradients; predictions whose
     confidence reaches `tau` become targets for the strong view, weighted by `lambda_u`.
+
+    With `debias`, the strong view's logits are shifted by the log of the class mix of the
+    confident pseudo-labels before the cross-entropy (logit adjustment, Menon et al. 2021). At
+    tau 0.95 a labels-only plain CNN is confident on 4,245 unlabeled trousers but on 57 shirts, so
+    plain cross-entropy on those labels teaches "never shirt": in one epoch of pseudo-labels shirt
+    recall fell from 0.60 to 0.36, against 0.61 with the shift. The shift leaves the loss unchanged
+    when the mix is even.
+    The mix is counted from each unlabeled sample's latest prediction; `start` fills it with one
+    pass over the pool, so it is right from the first unlabeled batch.
     """
 
     name = "pseudo"
 
-    def __init__(self, tau: float, lambda_u: float):
+    def __init__(self, tau: float, lambda_u: float, debias: bool = True, num_classes: int = 10):
         self.tau = tau
         self.lambda_u = lambda_u
+        self.debias = debias
+        self.num_classes = num_classes
+        self.status: torch.Tensor | None = None  # (N,) class predicted at >= tau, HIDDEN otherwise
+        self.counts: torch.Tensor | None = None  # (C + 1,): [below tau, class 0, ..., class C-1]
 
-    def __call__(self, model, images, normalize, generator):
+    def start(self, model, pool, unlabeled, normalize):
+        if not self.debias:
+            return
+        device = pool.device
+        unlabeled = unlabeled.to(device)
+        self.status = torch.full((len(pool),), HIDDEN, dtype=torch.long, device=device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for chunk in unlabeled.split(4096):
+                probs = torch.softmax(model(normalize(pool[chunk])).float(), dim=1)
+                confidence, predicted = probs.max(dim=1)
+                self.status[chunk] = torch.where(confidence >= self.tau, predicted, HIDDEN)
+        model.train(was_training)
+        self.counts = torch.zeros(self.num_classes + 1, device=device)
+        self.counts.scatter_add_(0, self.status[unlabeled] + 1, torch.ones(len(unlabeled), device=device))
+
+    def class_prior(self) -> torch.Tensor:
+        """(C,) the class mix of the confident pseudo-labels, one pseudo-count per class."""
+        kept = self.counts[1:] + 1.0
+        return kept / kept.sum()
+
+    def __call__(self, model, indices, images, normalize, generator):
         pixels = images.unsqueeze(1).float() / 255.0
         with torch.no_grad():
             model.eval()
@@ -239,18 +294,25 @@ class PseudoLabel(UnlabeledObjective):
             model.train()
         confidence, pseudo = probs.max(dim=1)
         mask = confidence >= self.tau
-        logits = model(normalize(strong_augment(pixels, generator)))
-        per_sample = F.cross_entropy(logits.float(), pseudo, reduction="none")
+        labels = torch.where(mask, pseudo, HIDDEN)
+        logits = model(normalize(strong_augment(pixels, generator))).float()
+        if self.counts is not None:
+            ones = torch.ones(len(indices), device=self.counts.device)
+            self.counts.scatter_add_(0, self.status[indices] + 1, -ones)
+            self.counts.scatter_add_(0, labels + 1, ones)
+            self.status[indices] = labels
+            logits = logits + self.class_prior().log()
+        per_sample = F.cross_entropy(logits, pseudo, reduction="none")
         loss = self.lambda_u * (per_sample * mask).mean()
-        return UnlabeledStep(loss, torch.where(mask, pseudo, HIDDEN))
+        return UnlabeledStep(loss, labels)
 
 
-def make_objective(name: str, tau: float, lambda_u: float) -> UnlabeledObjective:
+def make_objective(name: str, tau: float, lambda_u: float, debias: bool = True) -> UnlabeledObjective:
     """The unlabeled objective by name: 'skip' or 'pseudo'."""
     if name == "skip":
         return Skip()
     if name == "pseudo":
-        return PseudoLabel(tau, lambda_u)
+        return PseudoLabel(tau, lambda_u, debias)
     raise ValueError(f"unknown unlabeled objective {name!r}: choose 'skip' or 'pseudo'")
 
 

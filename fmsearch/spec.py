@@ -28,6 +28,7 @@ PARAMETERS: dict[str, type] = {
     "unlabeled": str,
     "tau": float,
     "lambda_u": float,
+    "debias": bool,
     "warmup_epochs": int,
     "augment": bool,
     "seed": int,
@@ -77,7 +78,7 @@ def applies(name: str, params: dict[str, Any]) -> bool:
     """Whether a parameter means anything given those already chosen (conditional dimensions)."""
     if name in ("unlabeled", "warmup_epochs"):
         return is_semi(params)
-    if name in ("tau", "lambda_u"):
+    if name in ("tau", "lambda_u", "debias"):
         return is_semi(params) and params.get("unlabeled") == "pseudo"
     return True
 

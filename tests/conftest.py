@@ -38,8 +38,8 @@ def learnable_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
 def texture_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Class k is stripes of period 2 + k // 2, horizontal for even k, vertical for odd, at a random phase.
 
-    Unlike the squares above, a class survives flips, shifts and cutout: what semi-supervised
-    augmentations assume of clothing.
+    Unlike the squares above, a class survives flips, shifts, small rotations and contrast changes:
+    what semi-supervised augmentations assume of clothing.
     """
     period = 2 + labels // 2
     phase = rng.integers(0, 8, size=len(labels))

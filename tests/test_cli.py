@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +74,19 @@ def test_train_prints_the_epoch_table_and_the_test_score(tmp_path):
     test_accuracy = float(lines[-1].split()[-1])
     assert lines[-1].startswith("test_loss") and 0.7 < test_accuracy <= 1.0
     assert (tmp_path / "run.json").exists()
+
+
+def test_train_passes_the_semi_label_flags_through(tmp_path):
+    flags = ["--labeled-fraction", "0.1", "--unlabeled", "pseudo", "--tau", "0.7", "--lambda-u", "2"]
+    result = fmsearch(
+        "train", "--epochs", "1", "--pool-limit", "2000", "--device", "cpu", *flags, "--no-debias",
+        "--json", "run.json", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "run.json").read_text())
+    expected = {"labeled_fraction": 0.1, "unlabeled": "pseudo", "tau": 0.7, "lambda_u": 2.0, "debias": False}
+    assert {key: saved["config"][key] for key in expected} == expected
+    assert "mask_rate" in saved["history"][0]
 
 
 @needs_real_data

@@ -2,6 +2,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, TensorDataset
 
 from fmsearch import data, engine
@@ -108,6 +109,30 @@ def test_device_loader_does_not_gather_skipped_unlabeled_batches(tiny_splits):
     batches = list(loader)
     assert all(b.images is None for b in batches if not b.labeled)
     assert sum(len(b.indices) for b in batches if b.labeled) == len(subset.labeled)
+
+
+def test_pseudo_takes_one_optimizer_step_per_labeled_batch(tiny_splits):
+    """Unlabeled batches add their gradients to the next labeled step (FixMatch's combined step)."""
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        config = replace(FAST, epochs=2, labeled_fraction=0.2, unlabeled="pseudo", tau=0.0)
+        result = engine.fit(config, tiny_splits)
+    finally:
+        handle.remove()
+    subset = select_labeled(tiny_splits.train_labels, fraction=0.2, seed=0)
+    sampler = SemiBatchSampler(subset.labeled, subset.unlabeled, FAST.batch_size)
+    assert sampler.unlabeled_batches > 2 * sampler.labeled_batches
+    assert len(steps) == 2 * sampler.labeled_batches
+    assert result.history[-1]["mask_rate"] == 1.0  # tau 0: every unlabeled sample was used
+
+
+def test_early_stopping_waits_for_the_end_of_the_warm_up(tiny_splits):
+    # At this rate the weights never change, so validation loss never improves after epoch 1.
+    frozen = replace(FAST, epochs=6, patience=1, lr=1e-12, labeled_fraction=0.5)
+    assert len(engine.fit(frozen, tiny_splits).history) == 2
+    warm = replace(frozen, unlabeled="pseudo", warmup_epochs=3)
+    assert len(engine.fit(warm, tiny_splits).history) == 5  # 3 warm-up epochs, then patience 1
 
 
 def test_step_schedule_divides_the_rate_by_ten_after_epochs_3_and_7(tiny_splits):
