@@ -169,18 +169,22 @@ def improves(monitor: str, value: float, best: float | None) -> bool:
 
 
 class EarlyStopping:
-    """Stops after `patience` epochs without a better monitored validation value."""
+    """Stops after `patience` epochs without a better monitored validation value.
 
-    def __init__(self, patience: int, monitor: str = "val_loss"):
+    Epochs before `from_epoch` are ignored: a pseudo-label run counts patience from the end of its
+    labeled-only warm-up.
+    """
+
+    def __init__(self, patience: int, monitor: str = "val_loss", from_epoch: int = 1):
         self.patience = patience
         self.monitor = monitor
-        self.reset()
-
-    def reset(self) -> None:
+        self.from_epoch = from_epoch
         self.best: float | None = None
         self.waited = 0
 
     def __call__(self, epoch: int, metrics: dict) -> str | None:
+        if epoch < self.from_epoch:
+            return None
         if improves(self.monitor, metrics[self.monitor], self.best):
             self.best = metrics[self.monitor]
             self.waited = 0
@@ -311,9 +315,9 @@ def fit(
     sampler = SemiBatchSampler(subset.labeled, subset.unlabeled, config.batch_size, seed=config.seed)
     loader = DeviceLoader(splits.train_images, targets, sampler)
     stoppers: list[EpochHook] = list(hooks)
-    early_stopping = EarlyStopping(config.patience, config.monitor) if config.patience is not None else None
-    if early_stopping is not None:
-        stoppers.append(early_stopping)
+    if config.patience is not None:
+        warmup = config.warmup_epochs if objective.gathers_images else 0
+        stoppers.append(EarlyStopping(config.patience, config.monitor, from_epoch=warmup + 1))
     pseudo_record = torch.full_like(targets, HIDDEN)
     unlabeled_per_step = sampler.unlabeled_batches / max(sampler.labeled_batches, 1)
 
@@ -325,8 +329,6 @@ def fit(
         use_unlabeled = objective.gathers_images and epoch > config.warmup_epochs
         if use_unlabeled and epoch == config.warmup_epochs + 1:
             objective.start(model, splits.train_images, subset.unlabeled, normalize)
-            if epoch > 1 and early_stopping is not None:
-                early_stopping.reset()  # patience counts from the start of the semi-supervised phase
         loader.gather_unlabeled = use_unlabeled
         steps = sampler.labeled_batches + (sampler.unlabeled_batches if use_unlabeled else 0)
         if progress is not None:
@@ -401,12 +403,7 @@ def fit(
             best_value = metrics[config.monitor]
             result.best_epoch = epoch
             result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        in_warmup = objective.gathers_images and epoch <= config.warmup_epochs
-        reasons = [
-            reason
-            for hook in stoppers
-            if not (in_warmup and hook is early_stopping) and (reason := hook(epoch, metrics))
-        ]
+        reasons = [reason for hook in stoppers if (reason := hook(epoch, metrics))]
         if reasons:
             result.stop_reason = reasons[0]
             break
