@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from tqdm import tqdm
@@ -150,7 +150,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from fmsearch import engine
+    from fmsearch import engine, teachers
 
     config_names = {f.name for f in fields(engine.TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in config_names and v is not None}
@@ -158,13 +158,36 @@ def cmd_train(args: argparse.Namespace) -> None:
         values["patience"] = None
     config = engine.TrainConfig(**values)
     device, splits = _load_splits(args.device, args.pool_limit)
+    subset = engine.make_subset(config, splits)
+    team = None
+    if config.unlabeled == "distill":
+        team = teachers.build(
+            config, splits, subset, RESULTS_DIR / "teachers", log=lambda line: print(line, file=sys.stderr)
+        )
+        print(
+            f"teachers: {len(team.members)}, {team.epochs} epochs, {team.seconds:.0f} s; ensemble "
+            f"val_accuracy {team.val_accuracy:.4f}, test_accuracy {team.test_accuracy:.4f}; "
+            f"targets right on {team.target_accuracy:.4f} of the unlabeled pool"
+        )
     bar = EpochBar(config.arch, config.epochs)
+
+    history: list[dict] = []
 
     def show(epoch: int, metrics: dict) -> None:
         bar.annotate(f"val_acc={metrics['val_accuracy']:.4f}")
+        history.append(metrics)
+        if args.json:  # the curve so far, so a killed run keeps it
+            _write_json(Path(args.json), {"config": asdict(config), "history": history, "finished": False})
 
     try:
-        result = engine.fit(config, splits, hooks=[show], progress=bar)
+        result = engine.fit(
+            config,
+            splits,
+            subset=subset,
+            teacher_probs=None if team is None else team.probs,
+            hooks=[show],
+            progress=bar,
+        )
     finally:
         bar.close()
     print_history(result.history)
@@ -176,19 +199,39 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"best epoch {result.best_epoch} (val_accuracy {result.best['val_accuracy']:.4f})"
     )
     print(f"test_loss {test.loss:.4f}  test_accuracy {test.accuracy:.4f}")
+    by_monitor = engine.score_by_monitor(result, splits, config)
+    for monitor, record in by_monitor.items():
+        print(f"  best epoch by {monitor}: {record['epoch']}, test_accuracy {record['test_accuracy']:.4f}")
     if args.json:
         record = {
-            "config": {f.name: getattr(config, f.name) for f in fields(config)},
+            "config": asdict(config),
             "device": str(device),
             "history": result.history,
             "best_epoch": result.best_epoch,
             "stop_reason": result.stop_reason,
             "test_loss": test.loss,
             "test_accuracy": test.accuracy,
+            "test_recall": engine.recall(test, splits.test_labels),
+            "by_monitor": by_monitor,
             "seconds": result.seconds,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1))
+        if team is not None:
+            record["teachers"] = {
+                "members": team.members,
+                "seconds": team.seconds,
+                "epochs": team.epochs,
+                "val_accuracy": team.val_accuracy,
+                "test_accuracy": team.test_accuracy,
+                "target_accuracy": team.target_accuracy,
+            }
+        _write_json(Path(args.json), record | {"finished": True})
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1))
+    partial.replace(path)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -343,6 +386,32 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--warmup-epochs", type=int, help=f"labeled-only epochs first (default {d.warmup_epochs})"
+    )
+    parser.add_argument("--teachers", type=_positive_int, help=f"distill: teachers (default {d.teachers})")
+    parser.add_argument(
+        "--teacher-epochs",
+        type=_positive_int,
+        help=f"distill: epochs per teacher (default {d.teacher_epochs})",
+    )
+    parser.add_argument(
+        "--temperature", type=_positive_float, help=f"distill: target temperature (default {d.temperature})"
+    )
+    parser.add_argument("--no-tta", dest="tta", action="store_false", default=None, help="distill: no mirror")
+    parser.add_argument(
+        "--no-align", dest="align", action="store_false", default=None, help="distill: no class-mix alignment"
+    )
+    parser.add_argument(
+        "--vat-eps", type=_positive_float, help=f"vat: perturbation size (default {d.vat_eps})"
+    )
+    parser.add_argument(
+        "--vat-xi", type=_positive_float, help=f"vat: power-iteration step (default {d.vat_xi})"
+    )
+    parser.add_argument(
+        "--entropy-weight", type=float, help=f"vat: entropy minimisation weight (default {d.entropy_weight})"
+    )
+    parser.add_argument("--nesterov", action="store_true", default=None, help="sgd: Nesterov momentum")
+    parser.add_argument(
+        "--ema", type=float, help=f"weight moving-average decay per step (default {d.ema}: none)"
     )
     parser.add_argument("--augment", action="store_true", default=None, help="augment labeled batches")
     parser.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA)")

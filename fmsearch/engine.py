@@ -8,6 +8,7 @@ Optuna pruning hook (built by study.py) is another. This module knows nothing of
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +34,7 @@ from fmsearch.semi import (
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "step", "cosine")
-UNLABELED = ("skip", "pseudo")
+UNLABELED = ("skip", "pseudo", "distill", "vat")
 MONITORS = ("val_loss", "val_accuracy")
 FINITE_CHECK_EVERY = 16  # steps between divergence checks: each one is a host-device sync
 
@@ -55,14 +56,24 @@ class TrainConfig:
     seed: int = 0  # model init, batch order, augmentation, labeled subset
     labeled_fraction: float = 1.0  # share of the training pool that keeps its labels
     labeled_count: int | None = None  # overrides labeled_fraction when set
-    unlabeled: str = "skip"  # what an unlabeled batch does: skip or pseudo
+    unlabeled: str = "skip"  # what an unlabeled batch does: skip, pseudo, distill or vat
     tau: float = 0.95  # pseudo: confidence a pseudo-label needs
-    lambda_u: float = 1.0  # pseudo: weight of an unlabeled batch's loss
+    lambda_u: float = 1.0  # pseudo, distill, vat: weight of an unlabeled batch's loss
     debias: bool = True  # pseudo: logit-adjust the unlabeled loss by the pseudo-labels' class mix
     warmup_epochs: int = 0  # pseudo: epochs of labeled batches only before unlabeled ones count
+    teachers: int = 5  # distill: labels-only teachers, each on its own seed
+    teacher_epochs: int = 30  # distill: most epochs of each teacher
+    temperature: float = 1.0  # distill: softmax temperature of the teachers' targets
+    tta: bool = True  # distill: average each teacher over the image and its mirror
+    align: bool = True  # distill: rescale the targets so their class mix is the pool's (even)
+    vat_eps: float = 1.0  # vat: L2 size of the adversarial perturbation, in [0, 1] pixel units
+    vat_xi: float = 0.1  # vat: size of the finite-difference step of the power iteration
+    entropy_weight: float = 1.0  # vat: weight of entropy minimisation on unlabeled batches
     augment: bool = False  # weak shift/flip augmentation of labeled batches
-    amp: bool = False  # bf16 autocast; CUDA only
-    channels_last: bool = False  # CUDA only
+    nesterov: bool = False  # sgd only: Nesterov momentum (FixMatch's optimizer)
+    ema: float = 0.0  # decay per optimizer step of an exponential moving average of the weights; 0: none
+    amp: bool = False  # bf16 autocast of the forward passes
+    channels_last: bool = False  # NHWC memory layout for the convolutions
     compile: bool = False  # torch.compile the model
 
     def __post_init__(self) -> None:
@@ -79,6 +90,13 @@ class TrainConfig:
             (0.0 <= self.tau <= 1.0, "tau must be in [0, 1]"),
             (self.lambda_u >= 0.0, "lambda_u must be non-negative"),
             (self.patience is None or self.patience >= 1, "patience must be at least 1"),
+            (self.teachers >= 1, "teachers must be at least 1"),
+            (self.teacher_epochs >= 1, "teacher_epochs must be at least 1"),
+            (self.temperature > 0.0, "temperature must be positive"),
+            (self.vat_eps > 0.0, "vat_eps must be positive"),
+            (self.vat_xi > 0.0, "vat_xi must be positive"),
+            (self.entropy_weight >= 0.0, "entropy_weight must be non-negative"),
+            (0.0 <= self.ema < 1.0, "ema must be in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -209,21 +227,34 @@ class Evaluation:
 class FitResult:
     model: nn.Module  # holds the best-epoch weights
     history: list[dict] = field(default_factory=list)  # one dict of floats per epoch
-    best_epoch: int = 0  # 1-based; the best monitored validation value
+    best_epoch: int = 0  # 1-based; the best value of the config's monitor
     stop_reason: str = "max-epochs"  # max-epochs, early-stopped or pruned
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)  # CPU copy of best weights
     seconds: float = 0.0  # wall time of the whole fit
     labeled_count: int = 0
+    best_by: dict[str, tuple[int, dict]] = field(default_factory=dict)  # monitor -> (epoch, CPU weights)
+    ema_model: nn.Module | None = None  # the moving average of the weights at the last epoch, with ema > 0
 
     @property
     def best(self) -> dict:
         return self.history[self.best_epoch - 1]
 
+    def record(self, epoch: int, metrics: dict, model: nn.Module) -> None:
+        """Keep the epoch's metrics, and its weights where it is the best yet by either monitor."""
+        self.history.append(metrics)
+        for monitor in MONITORS:
+            best = self.best_by.get(monitor)
+            if improves(
+                monitor, metrics[monitor], None if best is None else self.history[best[0] - 1][monitor]
+            ):
+                self.best_by[monitor] = (
+                    epoch,
+                    {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+                )
+
 
 def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
-    )
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _sync(device: torch.device) -> None:
@@ -258,7 +289,11 @@ def evaluate(
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
+            model.parameters(),
+            lr=config.lr,
+            momentum=0.9,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
         )
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -271,10 +306,137 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
     return None
 
 
-def _make_subset(config: TrainConfig, splits: Splits) -> LabeledSubset:
+def make_subset(config: TrainConfig, splits: Splits) -> LabeledSubset:
+    """The labeled subset a config asks for, picked by its seed."""
     if config.labeled_count is not None:
         return select_labeled(splits.train_labels, count=config.labeled_count, seed=config.seed)
     return select_labeled(splits.train_labels, fraction=config.labeled_fraction, seed=config.seed)
+
+
+class _Training:
+    """What one fit trains with: the model, its optimizer and schedule, the loader and the objective."""
+
+    def __init__(self, config: TrainConfig, splits: Splits, subset: LabeledSubset, teacher_probs):
+        self.config, self.splits = config, splits
+        self.device = device = splits.train_images.device
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.objective = make_objective(config, teacher_probs, splits.std)
+        targets = subset.targets.to(device)
+        self.hidden = subset.hidden.to(device)  # read only after each epoch, for pseudo-label accuracy
+        self.channels_last = config.channels_last
+        self.model = build_model(config.arch, config.dropout).to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_model = torch.compile(self.model) if config.compile else self.model
+        self.ema_model = copy.deepcopy(self.model).requires_grad_(False) if config.ema > 0 else None
+        self.optimizer = _optimizer(config, self.model)
+        self.scheduler = _scheduler(config, self.optimizer)
+        self.sampler = SemiBatchSampler(subset.labeled, subset.unlabeled, config.batch_size, seed=config.seed)
+        self.loader = DeviceLoader(splits.train_images, targets, self.sampler)
+        self.subset = subset
+        self.pseudo_record = torch.full_like(targets, HIDDEN)
+        # A combined step averages the unlabeled losses since the last labeled batch.
+        self.unlabeled_per_step = self.sampler.unlabeled_batches / max(self.sampler.labeled_batches, 1)
+        self.step = 0
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 28, 28) from the store, or float (B, 1, 28, 28) in [0, 1] after augmentation."""
+        s = self.splits
+        x = s.normalize(images) if images.dtype == torch.uint8 else (images - s.mean) / s.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @property
+    def warmup_epochs(self) -> int:
+        """Labeled-only epochs before unlabeled batches count (pseudo-labels only)."""
+        return self.config.warmup_epochs if self.objective.warms_up else 0
+
+    def uses_unlabeled(self, epoch: int) -> bool:
+        return self.objective.gathers_images and epoch > self.warmup_epochs
+
+    def train_epoch(self, epoch: int, progress: Progress | None) -> dict[str, float]:
+        """One pass over the pool; the loss and accuracy sums stay on the device until its end."""
+        config, device, objective = self.config, self.device, self.objective
+        use_unlabeled = self.uses_unlabeled(epoch)
+        if use_unlabeled and epoch == self.warmup_epochs + 1:
+            objective.start(self.model, self.splits.train_images, self.subset.unlabeled, self.normalize)
+        self.loader.gather_unlabeled = use_unlabeled
+        if progress is not None:
+            unlabeled_steps = self.sampler.unlabeled_batches if use_unlabeled else 0
+            progress.epoch_start(epoch, self.sampler.labeled_batches + unlabeled_steps)
+        self.train_model.train()
+        self.pseudo_record.fill_(HIDDEN)
+        sums = torch.zeros(3, device=device)  # labeled loss, labeled correct, unlabeled loss
+        labeled_seen = unlabeled_seen = 0
+        started = time.perf_counter()
+        for batch in self.loader:
+            if batch.images is None:
+                continue
+            with _autocast(device, config.amp):
+                if batch.labeled:
+                    pixels = batch.images
+                    if config.augment:
+                        pixels = weak_augment(pixels.unsqueeze(1).float() / 255.0, self.generator)
+                    logits = self.train_model(self.normalize(pixels)).float()
+                    loss = F.cross_entropy(logits, batch.targets)
+                    sums[0] += loss.detach() * len(batch.indices)
+                    sums[1] += (logits.argmax(dim=1) == batch.targets).sum()
+                    labeled_seen += len(batch.indices)
+                else:
+                    outcome = objective(
+                        self.train_model, batch.indices, batch.images, self.normalize, self.generator
+                    )
+                    loss = outcome.loss if objective.steps_alone else outcome.loss / self.unlabeled_per_step
+                    sums[2] += outcome.loss.detach() * len(batch.indices)
+                    if outcome.pseudo_labels is not None:
+                        self.pseudo_record[batch.indices] = outcome.pseudo_labels
+                    unlabeled_seen += len(batch.indices)
+            loss.backward()
+            # Pseudo and vat add their gradients to the next labeled step (FixMatch's L_s + lambda_u L_u):
+            # with a step of their own, Adam's equal-sized steps let pseudo-labels outvote the labels.
+            if batch.labeled or objective.steps_alone:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema_model is not None:
+                    ema, live = list(self.ema_model.parameters()), list(self.model.parameters())
+                    torch._foreach_lerp_(ema, live, 1.0 - config.ema)
+            self.step += 1
+            if progress is not None:
+                progress.step()
+            if self.step % FINITE_CHECK_EVERY == 0 and not torch.isfinite(sums).all():  # host-device sync
+                raise DivergenceError(epoch, self.step)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        _sync(device)
+        train_seconds = time.perf_counter() - started
+        labeled_loss_sum, correct, unlabeled_loss_sum = sums.tolist()  # the epoch's one sync
+        if not all(map(math.isfinite, (labeled_loss_sum, unlabeled_loss_sum))):
+            raise DivergenceError(epoch, self.step)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": labeled_loss_sum / max(labeled_seen, 1),
+            "train_accuracy": correct / max(labeled_seen, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_seconds": train_seconds,
+            "images_per_second": (labeled_seen + unlabeled_seen) / train_seconds,
+        }
+        if objective.gathers_images:
+            pseudo_accuracy, kept = pseudo_label_accuracy(self.pseudo_record, self.hidden)
+            metrics["unlabeled_loss"] = unlabeled_loss_sum / max(unlabeled_seen, 1)
+            metrics["mask_rate"] = kept / unlabeled_seen if unlabeled_seen else 0.0
+            metrics["pseudo_accuracy"] = pseudo_accuracy
+        return metrics
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        s, amp = self.splits, self.config.amp
+        val = evaluate(self.model, s.val_images, s.val_labels, self.normalize, amp=amp)
+        if not math.isfinite(val.loss):
+            raise DivergenceError(epoch, self.step)
+        metrics = {"val_loss": val.loss, "val_accuracy": val.accuracy}
+        if self.ema_model is not None:
+            ema = evaluate(self.ema_model, s.val_images, s.val_labels, self.normalize, amp=amp)
+            metrics |= {"ema_val_loss": ema.loss, "ema_val_accuracy": ema.accuracy}
+        return metrics
 
 
 def fit(
@@ -282,132 +444,66 @@ def fit(
     splits: Splits,
     *,
     subset: LabeledSubset | None = None,
+    teacher_probs: torch.Tensor | None = None,
     hooks: Sequence[EpochHook] = (),
     progress: Progress | None = None,
 ) -> FitResult:
-    """Train one configuration; return its history and the best-epoch (lowest val loss) model.
+    """Train one configuration; return its history and the best-epoch model by `config.monitor`.
 
     Training reads labels only through `subset.targets`, where unlabeled samples are HIDDEN.
+    `teacher_probs` (N, C) are the distill objective's fixed targets for every pool image.
     Raises DivergenceError on a NaN or inf loss.
     """
     started = time.perf_counter()
-    device = splits.train_images.device
-    torch.manual_seed(config.seed)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    subset = subset if subset is not None else _make_subset(config, splits)
-    objective = make_objective(config.unlabeled, config.tau, config.lambda_u, config.debias)
-    targets = subset.targets.to(device)
-    hidden = subset.hidden.to(device)  # read only after each epoch, for pseudo-label accuracy
-
-    model = build_model(config.arch, config.dropout).to(device)
-    cuda = device.type == "cuda"
-    if config.channels_last and cuda:
-        model = model.to(memory_format=torch.channels_last)
-    train_model = torch.compile(model) if config.compile else model
-
-    def normalize(images: torch.Tensor) -> torch.Tensor:
-        # uint8 (B, 28, 28) straight from the store, or float (B, 1, 28, 28) in [0, 1] after augmentation
-        x = splits.normalize(images) if images.dtype == torch.uint8 else (images - splits.mean) / splits.std
-        return x.contiguous(memory_format=torch.channels_last) if config.channels_last and cuda else x
-
-    optimizer = _optimizer(config, model)
-    scheduler = _scheduler(config, optimizer)
-    sampler = SemiBatchSampler(subset.labeled, subset.unlabeled, config.batch_size, seed=config.seed)
-    loader = DeviceLoader(splits.train_images, targets, sampler)
+    subset = subset if subset is not None else make_subset(config, splits)
+    run = _Training(config, splits, subset, teacher_probs)
     stoppers: list[EpochHook] = list(hooks)
     if config.patience is not None:
-        warmup = config.warmup_epochs if objective.gathers_images else 0
-        stoppers.append(EarlyStopping(config.patience, config.monitor, from_epoch=warmup + 1))
-    pseudo_record = torch.full_like(targets, HIDDEN)
-    unlabeled_per_step = sampler.unlabeled_batches / max(sampler.labeled_batches, 1)
-
-    result = FitResult(model=model, labeled_count=len(subset.labeled))
-    best_value: float | None = None
-    step = 0
+        stoppers.append(EarlyStopping(config.patience, config.monitor, from_epoch=run.warmup_epochs + 1))
+    result = FitResult(model=run.model, labeled_count=len(subset.labeled), ema_model=run.ema_model)
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
-        use_unlabeled = objective.gathers_images and epoch > config.warmup_epochs
-        if use_unlabeled and epoch == config.warmup_epochs + 1:
-            objective.start(model, splits.train_images, subset.unlabeled, normalize)
-        loader.gather_unlabeled = use_unlabeled
-        steps = sampler.labeled_batches + (sampler.unlabeled_batches if use_unlabeled else 0)
-        if progress is not None:
-            progress.epoch_start(epoch, steps)
-        train_model.train()
-        pseudo_record.fill_(HIDDEN)
-        # Device-side running sums: labeled loss, labeled correct, unlabeled loss.
-        sums = torch.zeros(3, device=device)
-        labeled_seen = unlabeled_seen = 0
-        for batch in loader:
-            if batch.images is None:
-                continue
-            with _autocast(device, config.amp):
-                if batch.labeled:
-                    pixels = batch.images
-                    if config.augment:
-                        pixels = weak_augment(pixels.unsqueeze(1).float() / 255.0, generator)
-                    logits = train_model(normalize(pixels)).float()
-                    loss = F.cross_entropy(logits, batch.targets)
-                    sums[0] += loss.detach() * len(batch.indices)
-                    sums[1] += (logits.argmax(dim=1) == batch.targets).sum()
-                    labeled_seen += len(batch.indices)
-                else:
-                    outcome = objective(train_model, batch.indices, batch.images, normalize, generator)
-                    loss = outcome.loss / unlabeled_per_step
-                    sums[2] += outcome.loss.detach() * len(batch.indices)
-                    pseudo_record[batch.indices] = outcome.pseudo_labels
-                    unlabeled_seen += len(batch.indices)
-            loss.backward()
-            # One optimizer step per labeled batch. Unlabeled batches only add their gradients, so a
-            # step is FixMatch's L_s + lambda_u * L_u, L_u averaged over the unlabeled batches since
-            # the last step. A step of its own for each unlabeled batch made Adam take ten steps per
-            # labeled one; Adam scales every step to the same size whatever lambda_u is, so the
-            # pseudo-labels outvoted the labels (validation accuracy fell 3 points in one epoch).
-            if batch.labeled:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if progress is not None:
-                progress.step()
-            if step % FINITE_CHECK_EVERY == 0 and not torch.isfinite(sums).all():  # host-device sync
-                raise DivergenceError(epoch, step)
-        if scheduler is not None:
-            scheduler.step()
-        _sync(device)
-        train_seconds = time.perf_counter() - epoch_started
-
-        labeled_loss_sum, correct, unlabeled_loss_sum = sums.tolist()  # the epoch's one sync
-        if not all(map(math.isfinite, (labeled_loss_sum, unlabeled_loss_sum))):
-            raise DivergenceError(epoch, step)
-        val = evaluate(model, splits.val_images, splits.val_labels, normalize, amp=config.amp)
-        if not math.isfinite(val.loss):
-            raise DivergenceError(epoch, step)
-        metrics = {
-            "epoch": epoch,
-            "train_loss": labeled_loss_sum / max(labeled_seen, 1),
-            "train_accuracy": correct / max(labeled_seen, 1),
-            "val_loss": val.loss,
-            "val_accuracy": val.accuracy,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_seconds": train_seconds,
-            "images_per_second": (labeled_seen + unlabeled_seen) / train_seconds,
-        }
-        if objective.gathers_images:
-            pseudo_accuracy, kept = pseudo_label_accuracy(pseudo_record, hidden)
-            metrics["unlabeled_loss"] = unlabeled_loss_sum / max(unlabeled_seen, 1)
-            metrics["mask_rate"] = kept / unlabeled_seen if unlabeled_seen else 0.0
-            metrics["pseudo_accuracy"] = pseudo_accuracy
+        metrics = run.train_epoch(epoch, progress)
+        metrics |= run.validate(epoch)
         metrics["epoch_seconds"] = time.perf_counter() - epoch_started
-        result.history.append(metrics)
-        if improves(config.monitor, metrics[config.monitor], best_value):
-            best_value = metrics[config.monitor]
-            result.best_epoch = epoch
-            result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        result.record(epoch, metrics, run.model)
         reasons = [reason for hook in stoppers if (reason := hook(epoch, metrics))]
         if reasons:
             result.stop_reason = reasons[0]
             break
-
-    model.load_state_dict(result.best_state)
+    result.best_epoch, result.best_state = result.best_by[config.monitor]
+    run.model.load_state_dict(result.best_state)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def recall(evaluation: Evaluation, labels: torch.Tensor) -> list[float]:
+    """Per-class recall (fraction of each class predicted right), class order."""
+    truth = labels.cpu()
+    right = evaluation.predictions == truth
+    counts = torch.bincount(truth, minlength=int(truth.max()) + 1).clamp(min=1)
+    return (torch.bincount(truth, weights=right.float(), minlength=len(counts)) / counts).tolist()
+
+
+def score_by_monitor(result: FitResult, splits: Splits, config: TrainConfig) -> dict[str, dict]:
+    """Test accuracy of the best epoch by each monitor and of the final moving average, to compare rules."""
+    model = build_model(config.arch, config.dropout).to(splits.test_images.device)
+    scores = {}
+    for monitor, (epoch, state) in result.best_by.items():
+        model.load_state_dict(state)
+        test = evaluate(model, splits.test_images, splits.test_labels, splits.normalize)
+        scores[monitor] = {
+            "epoch": epoch,
+            "val_accuracy": result.history[epoch - 1]["val_accuracy"],
+            "test_accuracy": test.accuracy,
+            "test_recall": recall(test, splits.test_labels),
+        }
+    if result.ema_model is not None:
+        test = evaluate(result.ema_model, splits.test_images, splits.test_labels, splits.normalize)
+        scores["ema_last"] = {
+            "epoch": len(result.history),
+            "val_accuracy": result.history[-1]["ema_val_accuracy"],
+            "test_accuracy": test.accuracy,
+            "test_recall": recall(test, splits.test_labels),
+        }
+    return scores

@@ -1,8 +1,10 @@
 """Semi-label training: the labeled subset, a homogeneous-batch sampler, and unlabeled objectives.
 
 A labeled batch trains with cross-entropy. What an unlabeled batch does is an `UnlabeledObjective`:
-`skip` (the assignment's baseline: nothing, not even a gather) or `pseudo` (FixMatch-style
-confidence-thresholded pseudo-labels, weak view -> strong view, batched on the device).
+`skip` (the assignment's baseline: nothing, not even a gather), `pseudo` (FixMatch-style
+confidence-thresholded pseudo-labels, weak view -> strong view, batched on the device), `distill`
+(soft targets from labels-only teachers, handed in as one fixed tensor) or `vat` (virtual
+adversarial training with entropy minimisation).
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ class UnlabeledStep:
     """What one unlabeled batch produced; every tensor stays on the device."""
 
     loss: torch.Tensor  # scalar, already weighted; backpropagated by the engine
-    pseudo_labels: torch.Tensor  # int64 (B,), HIDDEN where below the threshold
+    pseudo_labels: torch.Tensor | None = None  # int64 (B,), HIDDEN where none; None: no labels made
 
 
 class UnlabeledObjective:
@@ -212,10 +214,13 @@ class UnlabeledObjective:
 
     The engine calls `start` once, when unlabeled batches begin to count (after any warm-up), then
     the objective once per unlabeled batch with the batch's pool indices and uint8 images.
+    With `steps_alone`, an unlabeled batch takes its own optimizer step; otherwise its gradient joins
+    the next labeled batch's step.
     """
 
-    name = "base"
     gathers_images = True
+    steps_alone = False
+    warms_up = False  # whether unlabeled batches wait for config.warmup_epochs labeled-only epochs
 
     def start(self, model: nn.Module, pool: torch.Tensor, unlabeled: torch.Tensor, normalize) -> None:
         """Called before the first unlabeled batch; `pool` is every training image, uint8 (N, 28, 28)."""
@@ -234,7 +239,6 @@ class UnlabeledObjective:
 class Skip(UnlabeledObjective):
     """The assignment's baseline: no gradient step, no gather."""
 
-    name = "skip"
     gathers_images = False
 
 
@@ -254,7 +258,7 @@ class PseudoLabel(UnlabeledObjective):
     pass over the pool, so it is right from the first unlabeled batch.
     """
 
-    name = "pseudo"
+    warms_up = True
 
     def __init__(self, tau: float, lambda_u: float, debias: bool = True, num_classes: int = 10):
         self.tau = tau
@@ -307,13 +311,82 @@ class PseudoLabel(UnlabeledObjective):
         return UnlabeledStep(loss, labels)
 
 
-def make_objective(name: str, tau: float, lambda_u: float, debias: bool = True) -> UnlabeledObjective:
-    """The unlabeled objective by name: 'skip' or 'pseudo'."""
-    if name == "skip":
+class Distill(UnlabeledObjective):
+    """Offline distillation: an unlabeled batch's weak view learns the teachers' fixed soft targets.
+
+    `targets` (N, C) holds a probability vector for every pool image; only the unlabeled rows are
+    read. The targets never move, so there is no confirmation loop. Each unlabeled batch takes its
+    own step: the student learns the pool from the teachers as it would from labels.
+    """
+
+    steps_alone = True
+
+    def __init__(self, targets: torch.Tensor, lambda_u: float):
+        self.targets = targets
+        self.lambda_u = lambda_u
+
+    def __call__(self, model, indices, images, normalize, generator):
+        pixels = weak_augment(images.unsqueeze(1).float() / 255.0, generator)
+        log_probs = F.log_softmax(model(normalize(pixels)).float(), dim=1)
+        target = self.targets[indices]
+        loss = self.lambda_u * -(target * log_probs).sum(dim=1).mean()
+        return UnlabeledStep(loss, target.argmax(dim=1))
+
+
+def _unit(d: torch.Tensor) -> torch.Tensor:
+    return d / (d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-12)
+
+
+class VirtualAdversarial(UnlabeledObjective):
+    """VAT (Miyato et al. 2018) with entropy minimisation, one power iteration.
+
+    The clean prediction and the power iteration run in eval mode (no dropout); the models have no
+    batch norm, so no pass updates batch statistics. `eps` and `xi` are L2 sizes in [0, 1] pixel
+    units, turned into normalized-input units by the pool's std. The loss is
+    lambda_u * KL(p(x) || p(x + r_adv)) + entropy_weight * H(p(x)).
+    """
+
+    def __init__(self, eps: float, xi: float, lambda_u: float, entropy_weight: float, std: float):
+        self.eps, self.xi = eps / std, xi / std
+        self.lambda_u = lambda_u
+        self.entropy_weight = entropy_weight
+
+    def __call__(self, model, indices, images, normalize, generator):
+        x = normalize(images)
+        model.eval()
+        with torch.no_grad():
+            clean = F.softmax(model(x).float(), dim=1)
+        d = _unit(torch.randn(x.shape, device=x.device, generator=generator)).requires_grad_(True)
+        divergence = F.kl_div(
+            F.log_softmax(model(x + self.xi * d).float(), dim=1), clean, reduction="batchmean"
+        )
+        (gradient,) = torch.autograd.grad(divergence, d)
+        r_adv = self.eps * _unit(gradient)
+        model.train()
+        adversarial = F.log_softmax(model(x + r_adv).float(), dim=1)
+        vat = F.kl_div(adversarial, clean, reduction="batchmean")
+        loss = self.lambda_u * vat
+        if self.entropy_weight > 0:
+            log_p = F.log_softmax(model(x).float(), dim=1)
+            loss = loss + self.entropy_weight * -(log_p.exp() * log_p).sum(dim=1).mean()
+        return UnlabeledStep(loss)
+
+
+def make_objective(config, teacher_probs: torch.Tensor | None = None, std: float = 1.0) -> UnlabeledObjective:
+    """The unlabeled objective a TrainConfig names; distill needs the teachers' (N, C) targets."""
+    if config.unlabeled == "skip":
         return Skip()
-    if name == "pseudo":
-        return PseudoLabel(tau, lambda_u, debias)
-    raise ValueError(f"unknown unlabeled objective {name!r}: choose 'skip' or 'pseudo'")
+    if config.unlabeled == "pseudo":
+        return PseudoLabel(config.tau, config.lambda_u, config.debias)
+    if config.unlabeled == "distill":
+        if teacher_probs is None:
+            raise ValueError(
+                "unlabeled 'distill' needs the teachers' targets: build them with teachers.targets"
+            )
+        return Distill(teacher_probs, config.lambda_u)
+    if config.unlabeled == "vat":
+        return VirtualAdversarial(config.vat_eps, config.vat_xi, config.lambda_u, config.entropy_weight, std)
+    raise ValueError(f"unknown unlabeled objective {config.unlabeled!r}: choose skip, pseudo, distill or vat")
 
 
 def pseudo_label_accuracy(record: torch.Tensor, hidden: torch.Tensor) -> tuple[float, float]:

@@ -30,7 +30,17 @@ PARAMETERS: dict[str, type] = {
     "lambda_u": float,
     "debias": bool,
     "warmup_epochs": int,
+    "teachers": int,
+    "teacher_epochs": int,
+    "temperature": float,
+    "tta": bool,
+    "align": bool,
+    "vat_eps": float,
+    "vat_xi": float,
+    "entropy_weight": float,
     "augment": bool,
+    "nesterov": bool,
+    "ema": float,
     "seed": int,
     "monitor": str,
     "amp": bool,
@@ -69,6 +79,23 @@ class SpecError(ValueError):
     """A study file is wrong; the message names the file, the key and the fix."""
 
 
+# Parameters that mean something only for some unlabeled objectives.
+OBJECTIVE_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "tau": ("pseudo",),
+    "debias": ("pseudo",),
+    "warmup_epochs": ("pseudo",),
+    "lambda_u": ("pseudo", "distill", "vat"),
+    "teachers": ("distill",),
+    "teacher_epochs": ("distill",),
+    "temperature": ("distill",),
+    "tta": ("distill",),
+    "align": ("distill",),
+    "vat_eps": ("vat",),
+    "vat_xi": ("vat",),
+    "entropy_weight": ("vat",),
+}
+
+
 def is_semi(params: dict[str, Any]) -> bool:
     """True when some training labels are hidden."""
     return params.get("labeled_count") is not None or params.get("labeled_fraction", 1.0) < 1.0
@@ -76,10 +103,10 @@ def is_semi(params: dict[str, Any]) -> bool:
 
 def applies(name: str, params: dict[str, Any]) -> bool:
     """Whether a parameter means anything given those already chosen (conditional dimensions)."""
-    if name in ("unlabeled", "warmup_epochs"):
+    if name == "unlabeled":
         return is_semi(params)
-    if name in ("tau", "lambda_u", "debias"):
-        return is_semi(params) and params.get("unlabeled") == "pseudo"
+    if name in OBJECTIVE_PARAMETERS:
+        return is_semi(params) and params.get("unlabeled") in OBJECTIVE_PARAMETERS[name]
     return True
 
 

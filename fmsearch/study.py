@@ -29,7 +29,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import FrozenTrial, TrialState
 from sklearn.metrics import confusion_matrix
 
-from fmsearch import data, engine
+from fmsearch import data, engine, teachers
 from fmsearch.models import build_model
 from fmsearch.spec import StudySpec, is_semi, suggest
 
@@ -262,15 +262,43 @@ class Objective:
         progress = self.reporter.trial_progress(self.study_name, trial.number, max_epochs)
         history: list[dict] = []
 
+        # The pruner judges a pseudo-label trial only after its labeled-only warm-up plus the pruner's own.
+        warmup = config.warmup_epochs if config.unlabeled == "pseudo" else 0
+
         def report_and_prune(epoch: int, metrics: dict) -> str | None:
             history.append(metrics)
             trial.report(metrics[self.spec.metric], epoch)
             trial.set_user_attr("history", history)  # written every epoch: a crash keeps the curve
             progress.epoch_end(metrics)
-            return "pruned" if trial.should_prune() else None
+            return (
+                "pruned"
+                if epoch - warmup >= self.spec.pruner.warmup_epochs and trial.should_prune()
+                else None
+            )
 
+        subset = engine.make_subset(config, self.splits)
+        team = None
+        if config.unlabeled == "distill":
+            team = teachers.build(config, self.splits, subset, self.options.results_dir / "teachers")
+            trial.set_user_attr(
+                "teachers",
+                {
+                    "count": len(team.members),
+                    "seconds": team.seconds,
+                    "epochs": team.epochs,
+                    "val_accuracy": team.val_accuracy,
+                    "test_accuracy": team.test_accuracy,
+                },
+            )
         try:
-            result = engine.fit(config, self.splits, hooks=[report_and_prune], progress=progress)
+            result = engine.fit(
+                config,
+                self.splits,
+                subset=subset,
+                teacher_probs=None if team is None else team.probs,
+                hooks=[report_and_prune],
+                progress=progress,
+            )
         except engine.DivergenceError as error:
             trial.set_user_attr("stop_reason", "diverged")
             trial.set_user_attr("error", str(error))

@@ -127,6 +127,42 @@ def test_pseudo_takes_one_optimizer_step_per_labeled_batch(tiny_splits):
     assert result.history[-1]["mask_rate"] == 1.0  # tau 0: every unlabeled sample was used
 
 
+@pytest.mark.parametrize("unlabeled,alone", [("distill", True), ("vat", False)])
+def test_distill_steps_on_every_batch_and_vat_adds_to_the_labeled_step(tiny_splits, unlabeled, alone):
+    """A student learns the teachers' targets as it would labels; vat is a term of the labeled step."""
+    steps = []
+    probs = torch.full((len(tiny_splits.train_labels), 10), 0.1)
+    handle = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        config = replace(FAST, epochs=2, labeled_fraction=0.2, unlabeled=unlabeled)
+        engine.fit(config, tiny_splits, teacher_probs=probs)
+    finally:
+        handle.remove()
+    subset = select_labeled(tiny_splits.train_labels, fraction=0.2, seed=0)
+    sampler = SemiBatchSampler(subset.labeled, subset.unlabeled, FAST.batch_size)
+    assert len(steps) == 2 * (len(sampler) if alone else sampler.labeled_batches)
+
+
+def test_distill_without_targets_is_refused(tiny_splits):
+    with pytest.raises(ValueError, match="teachers"):
+        engine.fit(replace(FAST, labeled_fraction=0.2, unlabeled="distill"), tiny_splits)
+
+
+def test_both_monitors_keep_their_best_epoch_and_ema_is_scored(tiny_splits):
+    config = replace(FAST, epochs=4, patience=None, ema=0.9, optimizer="sgd", nesterov=True, lr=0.05)
+    result = engine.fit(config, tiny_splits)
+    losses = [h["val_loss"] for h in result.history]
+    accuracies = [h["val_accuracy"] for h in result.history]
+    assert result.best_by["val_loss"][0] == 1 + losses.index(min(losses))
+    assert result.best_by["val_accuracy"][0] == 1 + accuracies.index(max(accuracies))
+    assert all("ema_val_accuracy" in h for h in result.history)
+    scores = engine.score_by_monitor(result, tiny_splits, config)
+    assert set(scores) == {"val_loss", "val_accuracy", "ema_last"}
+    assert all(0.0 <= s["test_accuracy"] <= 1.0 and len(s["test_recall"]) == 10 for s in scores.values())
+    live = dict(result.model.named_parameters())
+    assert any(not torch.equal(p, live[n]) for n, p in result.ema_model.named_parameters())
+
+
 def test_early_stopping_waits_for_the_end_of_the_warm_up(tiny_splits):
     # At this rate the weights never change, so validation loss never improves after epoch 1.
     frozen = replace(FAST, epochs=6, patience=1, lr=1e-12, labeled_fraction=0.5)

@@ -4,14 +4,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fmsearch import engine
+from fmsearch import engine, teachers
 from fmsearch.models import build_model
 from fmsearch.semi import (
     HIDDEN,
     PseudoLabel,
     SemiBatchSampler,
+    VirtualAdversarial,
     collate_marked,
     pseudo_label_accuracy,
     select_labeled,
@@ -216,7 +218,8 @@ def test_pseudo_label_accuracy_counts_only_kept_labels():
     assert math.isnan(pseudo_label_accuracy(torch.full((3,), HIDDEN), hidden[:3])[0])
 
 
-def test_scrambling_hidden_labels_leaves_training_bit_identical(tiny):
+@pytest.mark.parametrize("unlabeled", ["pseudo", "distill", "vat"])
+def test_scrambling_hidden_labels_leaves_training_bit_identical(tiny, tmp_path, unlabeled):
     splits = tiny.splits()
     subset = select_labeled(splits.train_labels, fraction=0.2, seed=0)
     scrambled_labels = splits.train_labels.clone()
@@ -224,16 +227,27 @@ def test_scrambling_hidden_labels_leaves_training_bit_identical(tiny):
     scrambled_subset = replace(subset, hidden=scrambled_labels)
     scrambled_splits = replace(splits, train_labels=scrambled_labels)
     config = engine.TrainConfig(
-        epochs=2, batch_size=32, labeled_fraction=0.2, unlabeled="pseudo", tau=0.5, patience=None
+        epochs=2,
+        batch_size=32,
+        labeled_fraction=0.2,
+        unlabeled=unlabeled,
+        tau=0.5,
+        patience=None,
+        teachers=2,
+        teacher_epochs=2,
     )
-    a = engine.fit(config, splits, subset=subset)
-    b = engine.fit(config, scrambled_splits, subset=scrambled_subset)
+    runs = []
+    for folder, s, sub in (("a", splits, subset), ("b", scrambled_splits, scrambled_subset)):
+        # Each run trains its own teachers (separate caches), so they too must not read hidden labels.
+        probs = teachers.build(config, s, sub, tmp_path / folder).probs if unlabeled == "distill" else None
+        runs.append(engine.fit(config, s, subset=sub, teacher_probs=probs))
+    a, b = runs
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "unlabeled_loss", "mask_rate"):
         assert [h[key] for h in a.history] == [h[key] for h in b.history]
     for name, tensor in a.best_state.items():
         assert torch.equal(tensor, b.best_state[name])
-    # Only the after-the-fact report differs: it reads the (scrambled) hidden labels.
-    assert a.history[-1]["pseudo_accuracy"] != b.history[-1]["pseudo_accuracy"]
+    if unlabeled != "vat":  # vat makes no labels; for the others only the after-the-fact report differs
+        assert a.history[-1]["pseudo_accuracy"] != b.history[-1]["pseudo_accuracy"]
 
 
 def test_pseudo_labels_beat_skipping_on_a_small_learnable_task(textures):
@@ -264,3 +278,66 @@ def test_pseudo_labels_beat_skipping_on_a_small_learnable_task(textures):
             accuracies.append(engine.fit(config, splits).best["val_accuracy"])
         results[unlabeled] = np.mean(accuracies)
     assert results["pseudo"] > results["skip"] + 0.03, results
+
+
+def test_distillation_beats_skipping_on_a_small_learnable_task(textures, tmp_path):
+    """50 labels of 400: a student of three labels-only teachers must add at least 5 points.
+
+    Measured: skip 0.717, distill 0.820 (mean of 3 seeds; the teachers' ensembles 0.72 to 0.77).
+    """
+    splits = textures.splits(pool_limit=400)
+    results = {}
+    for unlabeled in ("skip", "distill"):
+        accuracies = []
+        for seed in range(3):
+            config = engine.TrainConfig(
+                epochs=24,
+                batch_size=10,
+                lr=2e-3,
+                schedule="cosine",
+                labeled_count=50,
+                unlabeled=unlabeled,
+                patience=None,
+                seed=seed,
+                monitor="val_accuracy",
+                teachers=3,
+                teacher_epochs=24,
+            )
+            subset = engine.make_subset(config, splits)
+            probs = teachers.build(config, splits, subset, tmp_path).probs if unlabeled == "distill" else None
+            accuracies.append(
+                engine.fit(config, splits, subset=subset, teacher_probs=probs).best["val_accuracy"]
+            )
+        results[unlabeled] = np.mean(accuracies)
+    assert results["distill"] > results["skip"] + 0.05, results
+
+
+def test_vat_moves_the_input_by_eps_along_the_direction_that_most_changes_the_prediction():
+    torch.manual_seed(0)
+    model = build_model("plain", 0.0)
+    images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    std = 0.5
+
+    def normalize(x):
+        return (x.unsqueeze(1).float() / 255.0 - 0.3) / std
+
+    seen = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    objective = VirtualAdversarial(eps=2.0, xi=0.1, lambda_u=1.0, entropy_weight=0.0, std=std)
+    step = objective(model, torch.arange(16), images, normalize, torch.Generator().manual_seed(0))
+    clean, _probe, adversarial = seen  # clean prediction, power iteration, perturbed pass
+    r_adv = adversarial - clean
+    assert torch.allclose(r_adv.flatten(1).norm(dim=1), torch.full((16,), 2.0 / std), rtol=1e-4)
+    # The adversarial direction changes the prediction more than random directions of the same size.
+    with torch.no_grad():
+        p = torch.softmax(model(clean), 1)
+
+        def kl(r):
+            return F.kl_div(torch.log_softmax(model(clean + r), 1), p, reduction="batchmean").item()
+
+        random = [
+            kl(2.0 / std * r / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+            for r in torch.randn(5, *clean.shape)
+        ]
+    assert kl(r_adv) > max(random)
+    assert step.loss.item() == pytest.approx(kl(r_adv), rel=1e-4) and step.pseudo_labels is None

@@ -1,0 +1,60 @@
+from dataclasses import replace
+
+import torch
+
+from fmsearch import engine, teachers
+
+CONFIG = engine.TrainConfig(
+    batch_size=32, labeled_fraction=0.2, unlabeled="distill", teachers=2, teacher_epochs=2, patience=None
+)
+
+
+def build(splits, cache, config=CONFIG):
+    lines = []
+    subset = engine.make_subset(config, splits)
+    team = teachers.build(config, splits, subset, cache, log=lines.append)
+    return team, lines
+
+
+def test_teachers_are_trained_once_then_read_from_the_cache(tiny_splits, tmp_path):
+    first, trained = build(tiny_splits, tmp_path)
+    second, loaded = build(tiny_splits, tmp_path)
+    assert all("training" in line for line in trained) and len(trained) == 2
+    assert all("from the cache" in line for line in loaded) and len(loaded) == 2
+    assert torch.equal(first.probs, second.probs)
+    assert first.seconds == second.seconds > 0 and first.epochs == second.epochs == 4
+
+
+def test_a_changed_key_trains_new_teachers(tiny, tiny_splits, tmp_path):
+    build(tiny_splits, tmp_path)
+    changes = {
+        "teacher epochs": (replace(CONFIG, teacher_epochs=3), tiny_splits),
+        "labeled subset (seed)": (replace(CONFIG, seed=1), tiny_splits),
+        "labeled fraction": (replace(CONFIG, labeled_fraction=0.3), tiny_splits),
+        "architecture": (replace(CONFIG, arch="adaptive"), tiny_splits),
+        "pool slice": (CONFIG, tiny.splits(pool_limit=800)),
+        "split seed": (CONFIG, tiny.splits(split_seed=1)),
+    }
+    for what, (config, splits) in changes.items():
+        _, lines = build(splits, tmp_path, config)
+        assert lines and all("training" in line for line in lines), what
+    # More teachers reuse the ones already trained and train only the new one.
+    _, lines = build(tiny_splits, tmp_path, replace(CONFIG, teachers=3))
+    assert [("cache" in line) for line in lines] == [True, True, False]
+
+
+def test_targets_are_probabilities_aligned_to_an_even_class_mix(tiny_splits, tmp_path):
+    team, _ = build(tiny_splits, tmp_path)
+    subset = engine.make_subset(CONFIG, tiny_splits)
+    assert torch.allclose(team.probs.sum(1), torch.ones(len(team.probs)))
+    mix = team.probs[subset.unlabeled].mean(0)
+    assert (mix - 0.1).abs().max() < 0.02
+    unaligned, _ = build(tiny_splits, tmp_path, replace(CONFIG, align=False))
+    assert (unaligned.probs[subset.unlabeled].mean(0) - 0.1).abs().max() > (mix - 0.1).abs().max()
+
+
+def test_teacher_zero_is_the_labels_only_control_of_the_same_seed(tiny_splits):
+    teacher = teachers.recipe(replace(CONFIG, seed=2, arch="plain"), 0)
+    assert teacher.seed == 2 and teacher.unlabeled == "skip" and teacher.schedule == "cosine"
+    assert teacher.augment and not teachers.recipe(replace(CONFIG, arch="adaptive"), 0).augment
+    assert teachers.recipe(CONFIG, 3).seed == CONFIG.seed + 3 * teachers.SEED_STRIDE
