@@ -15,10 +15,6 @@ RESULTS_DIR = Path("results")
 DEFAULT_STORAGE = f"sqlite:///{RESULTS_DIR}/studies.db"
 
 
-class UsageError(Exception):
-    """Bad input from the command line; printed as one line."""
-
-
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line, without the usage block."""
 
@@ -411,17 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from fmsearch.data import DataError
-    from fmsearch.engine import DivergenceError
-    from fmsearch.report import ReportError
-    from fmsearch.spec import SpecError
-    from fmsearch.study import StudyError
+    from fmsearch.errors import FmsearchError
 
     try:
         args.func(args)
-    except (UsageError, DataError, DivergenceError, ReportError, SpecError, StudyError, ValueError) as error:
+    except (
+        FmsearchError
+    ) as error:  # a user's mistake: one line; anything else is a bug and keeps its traceback
         print(f"fmsearch {args.command}: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
+        return 1
     except KeyboardInterrupt:
         print(f"fmsearch {args.command}: interrupted", file=sys.stderr)
         return 130

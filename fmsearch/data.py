@@ -19,6 +19,8 @@ import torch
 from sklearn.model_selection import train_test_split
 from torchvision.datasets import FashionMNIST
 
+from fmsearch.errors import FmsearchError
+
 CLASSES = FashionMNIST.classes  # "T-shirt/top" ... "Ankle boot"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -32,7 +34,7 @@ CHECKSUMS: dict[str, tuple[int, str]] = {
 }
 
 
-class DataError(RuntimeError):
+class DataError(FmsearchError):
     """The data is missing or corrupt; the message names the file and the fix."""
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmsearch.data import Splits
+from fmsearch.errors import ConfigError, FmsearchError
 from fmsearch.models import build_model
 from fmsearch.semi import (
     HIDDEN,
@@ -82,10 +83,10 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(FmsearchError):
     """The training loss became NaN or inf."""
 
     def __init__(self, epoch: int, step: int):
@@ -99,9 +100,9 @@ def resolve_device(name: str | None = None) -> torch.device:
     if name:
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but no CUDA GPU is available: use --device cpu")
+            raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available: use --device cpu")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("device 'mps' was asked for but MPS is not available: use --device cpu")
+            raise ConfigError("device 'mps' was asked for but MPS is not available: use --device cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -18,6 +18,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import Sampler, default_collate
 
+from fmsearch.errors import ConfigError
+
 HIDDEN = -1  # the target of every unlabeled sample on the training path
 
 
@@ -34,10 +36,6 @@ class LabeledSubset:
     targets: torch.Tensor  # int64 (N,), HIDDEN where unlabeled
     hidden: torch.Tensor  # int64 (N,), the true labels
 
-    @property
-    def fraction(self) -> float:
-        return len(self.labeled) / len(self.targets)
-
 
 def labeled_count_for(pool_size: int, fraction: float | None, count: int | None) -> int:
     """The number of labeled samples asked for by a fraction (0, 1] or an absolute count."""
@@ -45,10 +43,12 @@ def labeled_count_for(pool_size: int, fraction: float | None, count: int | None)
         raise ValueError("give exactly one of labeled fraction or labeled count")
     if count is None:
         if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"labeled fraction must be in (0, 1], got {fraction}")
+            raise ConfigError(f"labeled fraction must be in (0, 1], got {fraction}")
         count = round(fraction * pool_size)
     if not 0 < count <= pool_size:
-        raise ValueError(f"labeled count must be in 1..{pool_size}, got {count}")
+        raise ConfigError(
+            f"labeled count must be in 1..{pool_size}, got {count}: lower it or use more of the pool"
+        )
     return count
 
 
@@ -72,7 +72,10 @@ def select_labeled(
     else:
         n_classes = int(labels_cpu.max()) + 1
         if count < n_classes or n - count < n_classes:
-            raise ValueError(f"a stratified pick needs at least {n_classes} labeled and unlabeled samples")
+            raise ConfigError(
+                f"a stratified pick of {count} of {n} needs at least {n_classes} labeled and {n_classes} "
+                "unlabeled samples: change the labeled count or fraction"
+            )
         labeled, unlabeled = train_test_split(
             everything, train_size=count, stratify=labels_cpu.numpy(), random_state=seed
         )
@@ -214,7 +217,6 @@ class UnlabeledObjective:
     the objective once per unlabeled batch with the batch's pool indices and uint8 images.
     """
 
-    name = "base"
     gathers_images = True
 
     def start(self, model: nn.Module, pool: torch.Tensor, unlabeled: torch.Tensor, normalize) -> None:
@@ -234,7 +236,6 @@ class UnlabeledObjective:
 class Skip(UnlabeledObjective):
     """The assignment's baseline: no gradient step, no gather."""
 
-    name = "skip"
     gathers_images = False
 
 
@@ -253,8 +254,6 @@ class PseudoLabel(UnlabeledObjective):
     The mix is counted from each unlabeled sample's latest prediction; `start` fills it with one
     pass over the pool, so it is right from the first unlabeled batch.
     """
-
-    name = "pseudo"
 
     def __init__(self, tau: float, lambda_u: float, debias: bool = True, num_classes: int = 10):
         self.tau = tau

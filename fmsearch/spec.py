@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fmsearch.engine import MONITORS, OPTIMIZERS, SCHEDULES, UNLABELED, TrainConfig
+from fmsearch.errors import FmsearchError
 from fmsearch.models import ARCHITECTURES
 
 # Training parameters a study may fix, condition on or search, with their types and choices.
@@ -65,7 +66,7 @@ TOP_LEVEL = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(FmsearchError):
     """A study file is wrong; the message names the file, the key and the fix."""
 
 
@@ -336,8 +337,3 @@ def find(name: str, studies_dir: Path) -> Path:
         known = sorted(p.stem for p in Path(studies_dir).glob("*.toml"))
         raise SpecError(f"{path}: no such study file; choose one of {known} or write {path}")
     return path
-
-
-def upper_bound_epochs(spec: StudySpec, trials: int, max_epochs: int) -> int:
-    """Epochs the study would cost if every trial ran to max epochs."""
-    return len(spec.condition_list()) * trials * max_epochs

@@ -30,11 +30,12 @@ from optuna.trial import FrozenTrial, TrialState
 from sklearn.metrics import confusion_matrix
 
 from fmsearch import data, engine
+from fmsearch.errors import FmsearchError
 from fmsearch.models import build_model
 from fmsearch.spec import StudySpec, is_semi, suggest
 
 
-class StudyError(RuntimeError):
+class StudyError(FmsearchError):
     """A study cannot run as asked (bad storage URL, ...); the message says how to fix it."""
 
 

@@ -118,3 +118,33 @@ def test_a_short_study_on_real_data_runs_reports_and_resumes(tmp_path):
 def test_data_command_names_its_source():
     result = fmsearch("data")
     assert result.returncode == 0 and result.stdout.startswith("data: local files in ")
+
+
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    from fmsearch import cli, data, engine, report, spec, study
+    from fmsearch.errors import FmsearchError
+
+    for error in (
+        spec.SpecError,
+        data.DataError,
+        study.StudyError,
+        report.ReportError,
+        engine.DivergenceError,
+    ):
+        assert issubclass(error, FmsearchError)
+
+    def user_error(args):
+        raise spec.SpecError("studies/x.toml: trials: 0 is not a positive integer; write a whole number")
+
+    monkeypatch.setattr(cli, "cmd_data", user_error)
+    assert cli.main(["data"]) == 1
+    assert capsys.readouterr().err == (
+        "fmsearch data: error: studies/x.toml: trials: 0 is not a positive integer; write a whole number\n"
+    )
+
+    def bug(args):
+        raise ValueError("math domain error")
+
+    monkeypatch.setattr(cli, "cmd_data", bug)
+    with pytest.raises(ValueError, match="math domain error"):
+        cli.main(["data"])
