@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ from torch import nn
 
 from fmsearch.data import Splits
 from fmsearch.errors import ConfigError, FmsearchError
-from fmsearch.models import build_model
+from fmsearch.models import ARCHITECTURES, build_model
+from fmsearch.params import check, param, parameters
 from fmsearch.semi import (
     HIDDEN,
     LabeledSubset,
@@ -41,49 +42,57 @@ FINITE_CHECK_EVERY = 16  # steps between divergence checks: each one is a host-d
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training configuration; every field may be fixed, a condition or searched by a study."""
+    """One training configuration. Each field declares its parameter once (params.param): its type,
+    default, valid values and help. Study files, `fmsearch train`'s flags and this check derive from it.
+    """
 
-    arch: str = "plain"  # a name in models.ARCHITECTURES
-    lr: float = 1e-3
-    dropout: float = 0.25  # probability, before the last layer
-    epochs: int = 10  # at most; early stopping or pruning may end sooner
-    batch_size: int = 64
-    optimizer: str = "adam"  # adam, or sgd with momentum 0.9
-    schedule: str = "none"  # none, step (lr/10 after epochs 3 and 7), cosine
-    weight_decay: float = 0.0
-    patience: int | None = 3  # epochs without a better monitored value; None never stops early
-    monitor: str = "val_loss"  # picks the best epoch and drives early stopping: val_loss or val_accuracy
-    seed: int = 0  # model init, batch order, augmentation, labeled subset
-    labeled_fraction: float = 1.0  # share of the training pool that keeps its labels
-    labeled_count: int | None = None  # overrides labeled_fraction when set
-    unlabeled: str = "skip"  # what an unlabeled batch does: skip or pseudo
-    tau: float = 0.95  # pseudo: confidence a pseudo-label needs
-    lambda_u: float = 1.0  # pseudo: weight of an unlabeled batch's loss
-    debias: bool = True  # pseudo: logit-adjust the unlabeled loss by the pseudo-labels' class mix
-    warmup_epochs: int = 0  # pseudo: epochs of labeled batches only before unlabeled ones count
-    augment: bool = False  # weak shift/flip augmentation of labeled batches
-    amp: bool = False  # bf16 autocast; CUDA only
-    channels_last: bool = False  # CUDA only
-    compile: bool = False  # torch.compile the model
+    arch: str = param("plain", "architecture", choices=tuple(sorted(ARCHITECTURES)))
+    lr: float = param(1e-3, "learning rate", low=0.0, low_open=True)
+    dropout: float = param(
+        0.25, "dropout probability before the last layer", low=0.0, high=1.0, high_open=True
+    )
+    epochs: int = param(10, "most epochs; early stopping or pruning may end sooner", low=1, study=False)
+    batch_size: int = param(64, "images per batch", low=1, study=False)
+    optimizer: str = param("adam", "adam, or sgd with momentum 0.9", choices=OPTIMIZERS)
+    schedule: str = param(
+        "none", "lr schedule: none, step (lr/10 after epochs 3 and 7), cosine", choices=SCHEDULES
+    )
+    weight_decay: float = param(0.0, "L2 penalty the optimizer adds to the gradient", low=0.0)
+    patience: int | None = param(
+        3, "early-stopping patience, epochs without a better monitored value", low=1, study=False
+    )
+    monitor: str = param("val_loss", "picks the best epoch and drives early stopping", choices=MONITORS)
+    seed: int = param(0, "model init, batch order, augmentation, labeled subset", low=0, high=2**32 - 1)
+    labeled_fraction: float = param(
+        1.0, "share of the training pool that keeps its labels", low=0.0, low_open=True, high=1.0
+    )
+    labeled_count: int | None = param(None, "labeled images; overrides labeled_fraction", low=1)
+    unlabeled: str = param("skip", "what an unlabeled batch does", choices=UNLABELED, semi=True)
+    tau: float = param(
+        0.95, "pseudo: confidence a pseudo-label needs", low=0.0, high=1.0, objectives=("pseudo",)
+    )
+    lambda_u: float = param(1.0, "pseudo: weight of the unlabeled loss", low=0.0, objectives=("pseudo",))
+    debias: bool = param(
+        True,
+        "pseudo: logit-adjust the unlabeled loss by the pseudo-labels' class mix",
+        objectives=("pseudo",),
+    )
+    warmup_epochs: int = param(0, "labeled-only epochs before unlabeled batches count", low=0, semi=True)
+    augment: bool = param(False, "weak shift/flip augmentation of labeled batches")
+    amp: bool = param(False, "bf16 autocast (CUDA only)")
+    channels_last: bool = param(False, "channels_last memory format (CUDA only)")
+    compile: bool = param(False, "torch.compile the model")
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.lr > 0, "lr must be positive"),
-            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
-            (self.epochs >= 1, "epochs must be at least 1"),
-            (self.batch_size >= 1, "batch_size must be at least 1"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
-            (self.unlabeled in UNLABELED, f"unlabeled must be one of {UNLABELED}"),
-            (self.monitor in MONITORS, f"monitor must be one of {MONITORS}"),
-            (0.0 < self.labeled_fraction <= 1.0, "labeled_fraction must be in (0, 1]"),
-            (0.0 <= self.tau <= 1.0, "tau must be in [0, 1]"),
-            (self.lambda_u >= 0.0, "lambda_u must be non-negative"),
-            (self.patience is None or self.patience >= 1, "patience must be at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        check(self)
+
+    def objective_settings(self) -> dict[str, Any]:
+        """The fields that the chosen `unlabeled` objective reads: its constructor's keyword arguments."""
+        return {
+            p.name: getattr(self, p.name)
+            for p in parameters(TrainConfig).values()
+            if self.unlabeled in p.objectives
+        }
 
 
 class DivergenceError(FmsearchError):

@@ -1,3 +1,4 @@
+import inspect
 import math
 from dataclasses import replace
 
@@ -12,6 +13,7 @@ from fmsearch.semi import (
     HIDDEN,
     PseudoLabel,
     SemiBatchSampler,
+    Skip,
     collate_marked,
     pseudo_label_accuracy,
     select_labeled,
@@ -264,3 +266,16 @@ def test_pseudo_labels_beat_skipping_on_a_small_learnable_task(textures):
             accuracies.append(engine.fit(config, splits).best["val_accuracy"])
         results[unlabeled] = np.mean(accuracies)
     assert results["pseudo"] > results["skip"] + 0.03, results
+
+
+@pytest.mark.parametrize("objective", [Skip, PseudoLabel])
+def test_an_objective_is_built_from_the_config_fields_declared_for_it(objective):
+    """Each objective's constructor takes exactly the TrainConfig fields that name it (params' objectives)."""
+    name = {Skip: "skip", PseudoLabel: "pseudo"}[objective]
+    config = engine.TrainConfig(labeled_fraction=0.5, unlabeled=name, tau=0.5, lambda_u=2.0, debias=False)
+    settings = config.objective_settings()
+    accepted = inspect.signature(objective).parameters
+    required = {n for n, p in accepted.items() if p.default is p.empty}
+    assert required <= set(settings) <= set(accepted)
+    built = objective(**settings)
+    assert all(getattr(built, key) == value for key, value in settings.items())
