@@ -503,7 +503,9 @@ def run(
     """Run every condition to N finished trials with `options.jobs` workers, then score the bests.
 
     `splits` is the parent's data; with one job it is reused, with more each process loads its own.
+    The storage and the studies are created (or found) here, before any worker starts.
     """
+    prepare(spec, options)
     if options.jobs == 1:
         work(spec, options, 0, threading.Lock(), reporter_factory, splits)
     else:

@@ -79,6 +79,8 @@ def test_train_prints_the_epoch_table_and_the_test_score(tmp_path):
     assert (tmp_path / "run.json").exists()
 
 
+@needs_real_data
+@pytest.mark.slow
 def test_train_passes_the_semi_label_flags_through(tmp_path):
     flags = ["--labeled-fraction", "0.1", "--unlabeled", "pseudo", "--tau", "0.7", "--lambda-u", "2"]
     result = fmsearch(
