@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,8 +130,8 @@ class Batch:
 class DeviceLoader:
     """Iterates a batch sampler over device-resident tensors.
 
-    Each epoch the sampler's index lists go to the device in one copy; each batch is then a slice
-    of that tensor and a gather. With gather_unlabeled False, unlabeled batches carry no images.
+    Each epoch the sampler's index tensor goes to the device in one copy; each batch is then a slice
+    of it and a gather. With gather_unlabeled False, unlabeled batches carry no images.
     """
 
     def __init__(
@@ -146,20 +145,16 @@ class DeviceLoader:
         self.targets = targets
         self.batch_sampler = batch_sampler
         self.gather_unlabeled = gather_unlabeled
-        self._labeled_host = (targets != HIDDEN).cpu().numpy()
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[Batch]:
-        batches = list(self.batch_sampler)
-        if not batches:
+        flat, sizes, kinds = self.batch_sampler.next_epoch()
+        if not sizes:
             return
-        flat = torch.from_numpy(np.concatenate(batches)).to(self.images.device, non_blocking=True)
-        for indices, first in zip(
-            flat.split([len(b) for b in batches]), (b[0] for b in batches), strict=True
-        ):
-            labeled = bool(self._labeled_host[first])  # batches are homogeneous: one lookup each
+        flat = flat.to(self.images.device, non_blocking=True)
+        for indices, labeled in zip(flat.split(sizes), kinds, strict=True):
             if labeled:
                 yield Batch(indices, self.images[indices], self.targets[indices], True)
             elif self.gather_unlabeled:

@@ -87,13 +87,16 @@ def select_labeled(
 
 
 class SemiBatchSampler(Sampler[list[int]]):
-    """Yields lists of indices; every batch is all-labeled or all-unlabeled.
+    """Batches of indices; every batch is all-labeled or all-unlabeled.
 
     Each epoch covers every labeled and every unlabeled index exactly once (the last short batch
     of each kind is dropped only with drop_last=True). Labeled batches are spread evenly among
     the unlabeled ones with a random phase. The order is reshuffled each epoch, deterministically
     from (seed, epoch); the epoch advances on every iteration, or is set with set_epoch().
     A full-label run is the case with no unlabeled indices.
+
+    `next_epoch()` gives an epoch as one index tensor (what engine.DeviceLoader reads); iterating
+    yields each batch as a list of ints, so the sampler also works as a DataLoader's batch_sampler.
     """
 
     def __init__(
@@ -107,8 +110,8 @@ class SemiBatchSampler(Sampler[list[int]]):
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.labeled = np.asarray(labeled_indices, dtype=np.int64)
-        self.unlabeled = np.asarray(unlabeled_indices, dtype=np.int64)
+        self.labeled = torch.as_tensor(labeled_indices, dtype=torch.long)
+        self.unlabeled = torch.as_tensor(unlabeled_indices, dtype=torch.long)
         self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last
@@ -131,12 +134,16 @@ class SemiBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.labeled_batches + self.unlabeled_batches
 
-    def _chunks(self, indices: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
-        order = rng.permutation(indices).tolist()
+    def _chunks(self, indices: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        # numpy's generator only draws the order (as it always has, so seeded runs keep their batches);
+        # the indices themselves stay a tensor.
+        order = indices[torch.from_numpy(rng.permutation(len(indices)))]
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        return [order[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
+        return order[:stop].split(self.batch_size) if stop else ()  # split() of nothing gives one empty batch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def next_epoch(self) -> tuple[torch.Tensor, list[int], list[bool]]:
+        """The next epoch: its indices in batch order as one int64 tensor, each batch's size, and
+        whether each batch is labeled."""
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
         labeled = self._chunks(self.labeled, rng)
@@ -146,8 +153,14 @@ class SemiBatchSampler(Sampler[list[int]]):
         phase = rng.random()
         slots = {math.floor((k + phase) * total / len(labeled)): k for k in range(len(labeled))}
         next_unlabeled = iter(unlabeled)
-        for position in range(total):
-            yield labeled[slots[position]] if position in slots else next(next_unlabeled)
+        batches = [labeled[slots[p]] if p in slots else next(next_unlabeled) for p in range(total)]
+        flat = torch.cat(batches) if batches else self.labeled[:0]
+        return flat, [len(b) for b in batches], [p in slots for p in range(total)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        flat, sizes, _ = self.next_epoch()
+        for batch in flat.split(sizes):
+            yield batch.tolist()
 
 
 def collate_marked(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -81,6 +81,19 @@ def test_order_is_reshuffled_each_epoch_and_deterministic_from_the_seed():
     assert batches_of(second) == epoch2
 
 
+@pytest.mark.parametrize("n_labeled,n_unlabeled,batch_size,seed", CASES[::5])
+def test_an_epoch_is_one_index_tensor_cut_into_the_same_batches(n_labeled, n_unlabeled, batch_size, seed):
+    labeled, unlabeled = torch.arange(n_labeled), torch.arange(1000, 1000 + n_unlabeled)
+    tensors = SemiBatchSampler(labeled, unlabeled, batch_size, seed=seed)
+    lists = SemiBatchSampler(labeled, unlabeled, batch_size, seed=seed)
+    for _ in range(2):
+        flat, sizes, kinds = tensors.next_epoch()
+        batches = batches_of(lists)
+        assert flat.dtype == torch.int64 and sum(sizes) == len(flat)
+        assert [chunk.tolist() for chunk in flat.split(sizes)] == batches
+        assert kinds == [batch[0] < 1000 for batch in batches]
+
+
 def test_works_unchanged_in_a_dataloader_and_marks_each_batch():
     images = torch.arange(300, dtype=torch.uint8).repeat_interleave(4).view(300, 2, 2)
     targets = torch.full((300,), HIDDEN)
