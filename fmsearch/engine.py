@@ -78,8 +78,8 @@ class TrainConfig:
     )
     warmup_epochs: int = param(0, "labeled-only epochs before unlabeled batches count", low=0, semi=True)
     augment: bool = param(False, "weak shift/flip augmentation of labeled batches")
-    amp: bool = param(False, "bf16 autocast (CUDA only)")
-    channels_last: bool = param(False, "channels_last memory format (CUDA only)")
+    amp: bool = param(False, "bf16 autocast")
+    channels_last: bool = param(False, "channels_last memory format for the model and its inputs")
     compile: bool = param(False, "torch.compile the model")
 
     def __post_init__(self) -> None:
@@ -226,9 +226,7 @@ class FitResult:
 
 
 def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
-    )
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _sync(device: torch.device) -> None:
@@ -305,15 +303,14 @@ def fit(
     hidden = subset.hidden.to(device)  # read only after each epoch, for pseudo-label accuracy
 
     model = build_model(config.arch, config.dropout).to(device)
-    cuda = device.type == "cuda"
-    if config.channels_last and cuda:
+    if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_model = torch.compile(model) if config.compile else model
 
     def normalize(images: torch.Tensor) -> torch.Tensor:
         # uint8 (B, 28, 28) straight from the store, or float (B, 1, 28, 28) in [0, 1] after augmentation
         x = splits.normalize(images) if images.dtype == torch.uint8 else (images - splits.mean) / splits.std
-        return x.contiguous(memory_format=torch.channels_last) if config.channels_last and cuda else x
+        return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
 
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer)
