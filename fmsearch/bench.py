@@ -91,10 +91,9 @@ def run(
     data_config = replace(data_config or data.DataConfig(), pool_limit=config.pool_limit)
     arrays = data.load(data_config.root, data_config.checksums)
     splits = data.make_splits(arrays, data_config, device)
-    pool, _ = data.split_validation(arrays.train_labels, data_config.val_size, data_config.split_seed)
-    if config.pool_limit is not None:
-        pool = pool[: config.pool_limit]
-    pool = torch.from_numpy(pool)
+    pool = torch.from_numpy(
+        data.split_indices(arrays.train_labels, data_config)[0]
+    )  # the images fit trains on
     root = data_config.root or data.data_root()
 
     base = engine.TrainConfig(arch=config.arch, batch_size=config.batch_size)

@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 STUDIES_DIR = Path("studies")
 RESULTS_DIR = Path("results")
 DEFAULT_STORAGE = f"sqlite:///{RESULTS_DIR}/studies.db"
-
-
-class UsageError(Exception):
-    """Bad input from the command line; printed as one line."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -99,20 +97,6 @@ class ConsoleReporter:
         )
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -149,14 +133,21 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(f"data: {data.ensure()}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from fmsearch import engine, teachers
+def train_config(args: argparse.Namespace):
+    """The engine.TrainConfig that `fmsearch train`'s flags ask for; an unset flag keeps its default."""
+    from fmsearch import engine
 
     config_names = {f.name for f in fields(engine.TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in config_names and v is not None}
     if args.no_patience:
         values["patience"] = None
-    config = engine.TrainConfig(**values)
+    return engine.TrainConfig(**values)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from fmsearch import engine, teachers
+
+    config = train_config(args)
     device, splits = _load_splits(args.device, args.pool_limit)
     subset = engine.make_subset(config, splits)
     team = None
@@ -349,74 +340,41 @@ def _ensure_data() -> str:
     return data.ensure()
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from fmsearch import engine
-    from fmsearch.models import ARCHITECTURES
+def _checked(declared) -> Callable[[str], Any]:
+    """An argparse type that converts a flag's text and checks it against the parameter's range."""
 
-    d = engine.TrainConfig()
-    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), help=f"architecture (default {d.arch})")
-    parser.add_argument("--lr", type=_positive_float, help=f"learning rate (default {d.lr})")
-    parser.add_argument("--dropout", type=_probability, help=f"dropout probability (default {d.dropout})")
-    parser.add_argument("--epochs", type=_positive_int, help=f"most epochs (default {d.epochs})")
-    parser.add_argument("--batch-size", type=_positive_int, help=f"batch size (default {d.batch_size})")
-    parser.add_argument("--optimizer", choices=engine.OPTIMIZERS, help=f"(default {d.optimizer})")
-    parser.add_argument("--schedule", choices=engine.SCHEDULES, help=f"lr schedule (default {d.schedule})")
-    parser.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
-    parser.add_argument(
-        "--patience", type=_positive_int, help=f"early-stopping patience (default {d.patience})"
-    )
-    parser.add_argument(
-        "--monitor", choices=engine.MONITORS, help=f"best epoch and early stopping by (default {d.monitor})"
-    )
+    def convert(text: str):
+        value = declared.type(text)
+        if not declared.in_range(value):
+            raise argparse.ArgumentTypeError(f"must be {declared.range_text()}, got {text}")
+        return value
+
+    convert.__name__ = declared.type.__name__  # argparse's "invalid float value" names it
+    return convert
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, from its declaration: --batch-size, --no-debias, ..."""
+    from fmsearch import engine
+    from fmsearch.params import parameters
+
+    for declared in parameters(engine.TrainConfig).values():
+        flag = "--" + declared.name.replace("_", "-")
+        if declared.type is bool:
+            default = "on" if declared.default else "off"
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                help=f"{declared.help} (default {default})",
+            )
+        elif declared.choices:
+            parser.add_argument(
+                flag, choices=declared.choices, help=f"{declared.help} (default {declared.default})"
+            )
+        else:
+            default = "unset" if declared.default is None else declared.default
+            parser.add_argument(flag, type=_checked(declared), help=f"{declared.help} (default {default})")
     parser.add_argument("--no-patience", action="store_true", help="never stop early")
-    parser.add_argument("--seed", type=int, help=f"(default {d.seed})")
-    parser.add_argument("--labeled-fraction", type=_probability, help=f"(default {d.labeled_fraction})")
-    parser.add_argument("--labeled-count", type=_positive_int, help="labeled images; overrides the fraction")
-    parser.add_argument(
-        "--unlabeled", choices=engine.UNLABELED, help=f"unlabeled batches (default {d.unlabeled})"
-    )
-    parser.add_argument("--tau", type=_probability, help=f"pseudo-label confidence (default {d.tau})")
-    parser.add_argument("--lambda-u", type=float, help=f"unlabeled loss weight (default {d.lambda_u})")
-    parser.add_argument(
-        "--no-debias",
-        dest="debias",
-        action="store_false",
-        default=None,
-        help="pseudo: plain cross-entropy, without the class-mix logit adjustment",
-    )
-    parser.add_argument(
-        "--warmup-epochs", type=int, help=f"labeled-only epochs first (default {d.warmup_epochs})"
-    )
-    parser.add_argument("--teachers", type=_positive_int, help=f"distill: teachers (default {d.teachers})")
-    parser.add_argument(
-        "--teacher-epochs",
-        type=_positive_int,
-        help=f"distill: epochs per teacher (default {d.teacher_epochs})",
-    )
-    parser.add_argument(
-        "--temperature", type=_positive_float, help=f"distill: target temperature (default {d.temperature})"
-    )
-    parser.add_argument("--no-tta", dest="tta", action="store_false", default=None, help="distill: no mirror")
-    parser.add_argument(
-        "--no-align", dest="align", action="store_false", default=None, help="distill: no class-mix alignment"
-    )
-    parser.add_argument(
-        "--vat-eps", type=_positive_float, help=f"vat: perturbation size (default {d.vat_eps})"
-    )
-    parser.add_argument(
-        "--vat-xi", type=_positive_float, help=f"vat: power-iteration step (default {d.vat_xi})"
-    )
-    parser.add_argument(
-        "--entropy-weight", type=float, help=f"vat: entropy minimisation weight (default {d.entropy_weight})"
-    )
-    parser.add_argument("--nesterov", action="store_true", default=None, help="sgd: Nesterov momentum")
-    parser.add_argument(
-        "--ema", type=float, help=f"weight moving-average decay per step (default {d.ema}: none)"
-    )
-    parser.add_argument("--augment", action="store_true", default=None, help="augment labeled batches")
-    parser.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA)")
-    parser.add_argument("--channels-last", action="store_true", default=None, help="(CUDA)")
-    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,17 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from fmsearch.data import DataError
-    from fmsearch.engine import DivergenceError
-    from fmsearch.report import ReportError
-    from fmsearch.spec import SpecError
-    from fmsearch.study import StudyError
+    from fmsearch.errors import FmsearchError
 
     try:
         args.func(args)
-    except (UsageError, DataError, DivergenceError, ReportError, SpecError, StudyError, ValueError) as error:
+    except (
+        FmsearchError
+    ) as error:  # a user's mistake: one line; anything else is a bug and keeps its traceback
         print(f"fmsearch {args.command}: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
+        return 1
     except KeyboardInterrupt:
         print(f"fmsearch {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -19,6 +19,8 @@ import torch
 from sklearn.model_selection import train_test_split
 from torchvision.datasets import FashionMNIST
 
+from fmsearch.errors import FmsearchError
+
 CLASSES = FashionMNIST.classes  # "T-shirt/top" ... "Ankle boot"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -32,7 +34,7 @@ CHECKSUMS: dict[str, tuple[int, str]] = {
 }
 
 
-class DataError(RuntimeError):
+class DataError(FmsearchError):
     """The data is missing or corrupt; the message names the file and the fix."""
 
 
@@ -184,17 +186,26 @@ class Splits:
         return ((images.unsqueeze(1).float() / 255.0) - self.mean) / self.std
 
 
-def make_splits(arrays: Arrays, config: DataConfig, device: torch.device) -> Splits:
-    """Split the training set into pool and validation, and move everything to the device once."""
-    pool, val = split_validation(arrays.train_labels, config.val_size, config.split_seed)
+def split_indices(labels: torch.Tensor, config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(training pool, validation) indices into the training set, each sorted.
+
+    With `config.pool_limit`, the pool is a stratified, seeded slice of that many images.
+    """
+    pool, val = split_validation(labels, config.val_size, config.split_seed)
     if config.pool_limit is not None and config.pool_limit < len(pool):
         pool, _ = train_test_split(
             pool,
             train_size=config.pool_limit,
-            stratify=arrays.train_labels.numpy()[pool],
+            stratify=labels.numpy()[pool],
             random_state=config.split_seed,
         )
         pool = np.sort(pool)
+    return pool, val
+
+
+def make_splits(arrays: Arrays, config: DataConfig, device: torch.device) -> Splits:
+    """Split the training set into pool and validation, and move everything to the device once."""
+    pool, val = split_indices(arrays.train_labels, config)
     pool_t, val_t = torch.from_numpy(pool), torch.from_numpy(val)
     pool_images = arrays.train_images[pool_t]
     scaled = pool_images.float() / 255.0

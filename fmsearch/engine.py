@@ -13,15 +13,16 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fmsearch.data import Splits
-from fmsearch.models import build_model
+from fmsearch.errors import ConfigError, FmsearchError
+from fmsearch.models import ARCHITECTURES, build_model
+from fmsearch.params import check, param, parameters
 from fmsearch.semi import (
     HIDDEN,
     LabeledSubset,
@@ -41,69 +42,96 @@ FINITE_CHECK_EVERY = 16  # steps between divergence checks: each one is a host-d
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training configuration; every field may be fixed, a condition or searched by a study."""
+    """One training configuration. Each field declares its parameter once (params.param): its type,
+    default, valid values and help. Study files, `fmsearch train`'s flags and this check derive from it.
+    """
 
-    arch: str = "plain"  # a name in models.ARCHITECTURES
-    lr: float = 1e-3
-    dropout: float = 0.25  # probability, before the last layer
-    epochs: int = 10  # at most; early stopping or pruning may end sooner
-    batch_size: int = 64
-    optimizer: str = "adam"  # adam, or sgd with momentum 0.9
-    schedule: str = "none"  # none, step (lr/10 after epochs 3 and 7), cosine
-    weight_decay: float = 0.0
-    patience: int | None = 3  # epochs without a better monitored value; None never stops early
-    monitor: str = "val_loss"  # picks the best epoch and drives early stopping: val_loss or val_accuracy
-    seed: int = 0  # model init, batch order, augmentation, labeled subset
-    labeled_fraction: float = 1.0  # share of the training pool that keeps its labels
-    labeled_count: int | None = None  # overrides labeled_fraction when set
-    unlabeled: str = "skip"  # what an unlabeled batch does: skip, pseudo, distill or vat
-    tau: float = 0.95  # pseudo: confidence a pseudo-label needs
-    lambda_u: float = 1.0  # pseudo, distill, vat: weight of an unlabeled batch's loss
-    debias: bool = True  # pseudo: logit-adjust the unlabeled loss by the pseudo-labels' class mix
-    warmup_epochs: int = 0  # pseudo: epochs of labeled batches only before unlabeled ones count
-    teachers: int = 5  # distill: labels-only teachers, each on its own seed
-    teacher_epochs: int = 30  # distill: most epochs of each teacher
-    temperature: float = 1.0  # distill: softmax temperature of the teachers' targets
-    tta: bool = True  # distill: average each teacher over the image and its mirror
-    align: bool = True  # distill: rescale the targets so their class mix is the pool's (even)
-    vat_eps: float = 1.0  # vat: L2 size of the adversarial perturbation, in [0, 1] pixel units
-    vat_xi: float = 0.1  # vat: size of the finite-difference step of the power iteration
-    entropy_weight: float = 1.0  # vat: weight of entropy minimisation on unlabeled batches
-    augment: bool = False  # weak shift/flip augmentation of labeled batches
-    nesterov: bool = False  # sgd only: Nesterov momentum (FixMatch's optimizer)
-    ema: float = 0.0  # decay per optimizer step of an exponential moving average of the weights; 0: none
-    amp: bool = False  # bf16 autocast of the forward passes
-    channels_last: bool = False  # NHWC memory layout for the convolutions
-    compile: bool = False  # torch.compile the model
+    arch: str = param("plain", "architecture", choices=tuple(sorted(ARCHITECTURES)))
+    lr: float = param(1e-3, "learning rate", low=0.0, low_open=True)
+    dropout: float = param(
+        0.25, "dropout probability before the last layer", low=0.0, high=1.0, high_open=True
+    )
+    epochs: int = param(10, "most epochs; early stopping or pruning may end sooner", low=1, study=False)
+    batch_size: int = param(64, "images per batch", low=1, study=False)
+    optimizer: str = param("adam", "adam, or sgd with momentum 0.9", choices=OPTIMIZERS)
+    schedule: str = param(
+        "none", "lr schedule: none, step (lr/10 after epochs 3 and 7), cosine", choices=SCHEDULES
+    )
+    weight_decay: float = param(0.0, "L2 penalty the optimizer adds to the gradient", low=0.0)
+    patience: int | None = param(
+        3, "early-stopping patience, epochs without a better monitored value", low=1, study=False
+    )
+    monitor: str = param("val_loss", "picks the best epoch and drives early stopping", choices=MONITORS)
+    seed: int = param(0, "model init, batch order, augmentation, labeled subset", low=0, high=2**32 - 1)
+    labeled_fraction: float = param(
+        1.0, "share of the training pool that keeps its labels", low=0.0, low_open=True, high=1.0
+    )
+    labeled_count: int | None = param(None, "labeled images; overrides labeled_fraction", low=1)
+    unlabeled: str = param("skip", "what an unlabeled batch does", choices=UNLABELED, semi=True)
+    tau: float = param(
+        0.95, "pseudo: confidence a pseudo-label needs", low=0.0, high=1.0, objectives=("pseudo",)
+    )
+    lambda_u: float = param(
+        1.0, "weight of the unlabeled loss", low=0.0, objectives=("pseudo", "distill", "vat")
+    )
+    debias: bool = param(
+        True,
+        "pseudo: logit-adjust the unlabeled loss by the pseudo-labels' class mix",
+        objectives=("pseudo",),
+    )
+    warmup_epochs: int = param(
+        0, "pseudo: labeled-only epochs before unlabeled batches count", low=0, objectives=("pseudo",)
+    )
+    teachers: int = param(
+        5, "distill: labels-only teachers, each on its own seed", low=1, objectives=("distill",)
+    )
+    teacher_epochs: int = param(30, "distill: most epochs of each teacher", low=1, objectives=("distill",))
+    temperature: float = param(
+        1.0, "distill: softmax temperature of the targets", low=0.0, low_open=True, objectives=("distill",)
+    )
+    tta: bool = param(
+        True, "distill: average each teacher over the image and its mirror", objectives=("distill",)
+    )
+    align: bool = param(
+        True, "distill: rescale the targets to the pool's even class mix", objectives=("distill",)
+    )
+    vat_eps: float = param(
+        1.0,
+        "vat: L2 size of the perturbation, [0, 1] pixel units",
+        low=0.0,
+        low_open=True,
+        objectives=("vat",),
+    )
+    vat_xi: float = param(
+        0.1, "vat: finite-difference step of the power iteration", low=0.0, low_open=True, objectives=("vat",)
+    )
+    entropy_weight: float = param(1.0, "vat: weight of entropy minimisation", low=0.0, objectives=("vat",))
+    augment: bool = param(False, "weak shift/flip augmentation of labeled batches")
+    nesterov: bool = param(False, "sgd: Nesterov momentum (FixMatch's optimizer)")
+    ema: float = param(
+        0.0,
+        "decay per step of a moving average of the weights, scored each epoch; 0: none",
+        low=0.0,
+        high=1.0,
+        high_open=True,
+    )
+    amp: bool = param(False, "bf16 autocast")
+    channels_last: bool = param(False, "channels_last memory format for the model and its inputs")
+    compile: bool = param(False, "torch.compile the model")
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.lr > 0, "lr must be positive"),
-            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
-            (self.epochs >= 1, "epochs must be at least 1"),
-            (self.batch_size >= 1, "batch_size must be at least 1"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
-            (self.unlabeled in UNLABELED, f"unlabeled must be one of {UNLABELED}"),
-            (self.monitor in MONITORS, f"monitor must be one of {MONITORS}"),
-            (0.0 < self.labeled_fraction <= 1.0, "labeled_fraction must be in (0, 1]"),
-            (0.0 <= self.tau <= 1.0, "tau must be in [0, 1]"),
-            (self.lambda_u >= 0.0, "lambda_u must be non-negative"),
-            (self.patience is None or self.patience >= 1, "patience must be at least 1"),
-            (self.teachers >= 1, "teachers must be at least 1"),
-            (self.teacher_epochs >= 1, "teacher_epochs must be at least 1"),
-            (self.temperature > 0.0, "temperature must be positive"),
-            (self.vat_eps > 0.0, "vat_eps must be positive"),
-            (self.vat_xi > 0.0, "vat_xi must be positive"),
-            (self.entropy_weight >= 0.0, "entropy_weight must be non-negative"),
-            (0.0 <= self.ema < 1.0, "ema must be in [0, 1)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check(self)
+
+    def objective_settings(self) -> dict[str, Any]:
+        """The fields that the chosen `unlabeled` objective reads: its constructor's keyword arguments."""
+        return {
+            p.name: getattr(self, p.name)
+            for p in parameters(TrainConfig).values()
+            if self.unlabeled in p.objectives
+        }
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(FmsearchError):
     """The training loss became NaN or inf."""
 
     def __init__(self, epoch: int, step: int):
@@ -117,9 +145,9 @@ def resolve_device(name: str | None = None) -> torch.device:
     if name:
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but no CUDA GPU is available: use --device cpu")
+            raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available: use --device cpu")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("device 'mps' was asked for but MPS is not available: use --device cpu")
+            raise ConfigError("device 'mps' was asked for but MPS is not available: use --device cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -139,8 +167,8 @@ class Batch:
 class DeviceLoader:
     """Iterates a batch sampler over device-resident tensors.
 
-    Each epoch the sampler's index lists go to the device in one copy; each batch is then a slice
-    of that tensor and a gather. With gather_unlabeled False, unlabeled batches carry no images.
+    Each epoch the sampler's index tensor goes to the device in one copy; each batch is then a slice
+    of it and a gather. With gather_unlabeled False, unlabeled batches carry no images.
     """
 
     def __init__(
@@ -154,20 +182,16 @@ class DeviceLoader:
         self.targets = targets
         self.batch_sampler = batch_sampler
         self.gather_unlabeled = gather_unlabeled
-        self._labeled_host = (targets != HIDDEN).cpu().numpy()
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[Batch]:
-        batches = list(self.batch_sampler)
-        if not batches:
+        flat, sizes, kinds = self.batch_sampler.next_epoch()
+        if not sizes:
             return
-        flat = torch.from_numpy(np.concatenate(batches)).to(self.images.device, non_blocking=True)
-        for indices, first in zip(
-            flat.split([len(b) for b in batches]), (b[0] for b in batches), strict=True
-        ):
-            labeled = bool(self._labeled_host[first])  # batches are homogeneous: one lookup each
+        flat = flat.to(self.images.device, non_blocking=True)
+        for indices, labeled in zip(flat.split(sizes), kinds, strict=True):
             if labeled:
                 yield Batch(indices, self.images[indices], self.targets[indices], True)
             elif self.gather_unlabeled:
@@ -349,7 +373,7 @@ class _Training:
     @property
     def warmup_epochs(self) -> int:
         """Labeled-only epochs before unlabeled batches count (pseudo-labels only)."""
-        return self.config.warmup_epochs if self.objective.warms_up else 0
+        return self.objective.warmup_epochs
 
     def uses_unlabeled(self, epoch: int) -> bool:
         return self.objective.gathers_images and epoch > self.warmup_epochs

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fmsearch.errors import ConfigError
+
 
 class PlainCNN(nn.Module):
     """conv32-ReLU-maxpool, conv64-ReLU-maxpool, fc128-ReLU, dropout, fc10.
@@ -57,7 +59,7 @@ ARCHITECTURES: dict[str, Callable[[float], nn.Module]] = {
 
 
 def build_model(arch: str, dropout: float) -> nn.Module:
-    """Construct an architecture by name; raises ValueError listing the known names."""
+    """Construct an architecture by name; raises ConfigError listing the known names."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}: choose one of {sorted(ARCHITECTURES)}")
+        raise ConfigError(f"unknown architecture {arch!r}: choose one of {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch](dropout)

@@ -23,6 +23,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from fmsearch.errors import FmsearchError  # noqa: E402
+
 DPI = 160
 CURVE_PANELS = (
     ("train_loss", "Train loss", "cross-entropy (nats)"),
@@ -32,7 +34,7 @@ CURVE_PANELS = (
 )
 
 
-class ReportError(RuntimeError):
+class ReportError(FmsearchError):
     """Nothing to report (no such study, no finished trial); the message says what to run."""
 
 

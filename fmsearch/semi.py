@@ -20,6 +20,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import Sampler, default_collate
 
+from fmsearch.errors import ConfigError
+
 HIDDEN = -1  # the target of every unlabeled sample on the training path
 
 
@@ -36,10 +38,6 @@ class LabeledSubset:
     targets: torch.Tensor  # int64 (N,), HIDDEN where unlabeled
     hidden: torch.Tensor  # int64 (N,), the true labels
 
-    @property
-    def fraction(self) -> float:
-        return len(self.labeled) / len(self.targets)
-
 
 def labeled_count_for(pool_size: int, fraction: float | None, count: int | None) -> int:
     """The number of labeled samples asked for by a fraction (0, 1] or an absolute count."""
@@ -47,10 +45,12 @@ def labeled_count_for(pool_size: int, fraction: float | None, count: int | None)
         raise ValueError("give exactly one of labeled fraction or labeled count")
     if count is None:
         if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"labeled fraction must be in (0, 1], got {fraction}")
+            raise ConfigError(f"labeled fraction must be in (0, 1], got {fraction}")
         count = round(fraction * pool_size)
     if not 0 < count <= pool_size:
-        raise ValueError(f"labeled count must be in 1..{pool_size}, got {count}")
+        raise ConfigError(
+            f"labeled count must be in 1..{pool_size}, got {count}: lower it or use more of the pool"
+        )
     return count
 
 
@@ -74,7 +74,10 @@ def select_labeled(
     else:
         n_classes = int(labels_cpu.max()) + 1
         if count < n_classes or n - count < n_classes:
-            raise ValueError(f"a stratified pick needs at least {n_classes} labeled and unlabeled samples")
+            raise ConfigError(
+                f"a stratified pick of {count} of {n} needs at least {n_classes} labeled and {n_classes} "
+                "unlabeled samples: change the labeled count or fraction"
+            )
         labeled, unlabeled = train_test_split(
             everything, train_size=count, stratify=labels_cpu.numpy(), random_state=seed
         )
@@ -86,13 +89,16 @@ def select_labeled(
 
 
 class SemiBatchSampler(Sampler[list[int]]):
-    """Yields lists of indices; every batch is all-labeled or all-unlabeled.
+    """Batches of indices; every batch is all-labeled or all-unlabeled.
 
     Each epoch covers every labeled and every unlabeled index exactly once (the last short batch
     of each kind is dropped only with drop_last=True). Labeled batches are spread evenly among
     the unlabeled ones with a random phase. The order is reshuffled each epoch, deterministically
     from (seed, epoch); the epoch advances on every iteration, or is set with set_epoch().
     A full-label run is the case with no unlabeled indices.
+
+    `next_epoch()` gives an epoch as one index tensor (what engine.DeviceLoader reads); iterating
+    yields each batch as a list of ints, so the sampler also works as a DataLoader's batch_sampler.
     """
 
     def __init__(
@@ -106,8 +112,8 @@ class SemiBatchSampler(Sampler[list[int]]):
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.labeled = np.asarray(labeled_indices, dtype=np.int64)
-        self.unlabeled = np.asarray(unlabeled_indices, dtype=np.int64)
+        self.labeled = torch.as_tensor(labeled_indices, dtype=torch.long)
+        self.unlabeled = torch.as_tensor(unlabeled_indices, dtype=torch.long)
         self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last
@@ -130,12 +136,16 @@ class SemiBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.labeled_batches + self.unlabeled_batches
 
-    def _chunks(self, indices: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
-        order = rng.permutation(indices).tolist()
+    def _chunks(self, indices: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        # numpy's generator only draws the order (as it always has, so seeded runs keep their batches);
+        # the indices themselves stay a tensor.
+        order = indices[torch.from_numpy(rng.permutation(len(indices)))]
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        return [order[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
+        return order[:stop].split(self.batch_size) if stop else ()  # split() of nothing gives one empty batch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def next_epoch(self) -> tuple[torch.Tensor, list[int], list[bool]]:
+        """The next epoch: its indices in batch order as one int64 tensor, each batch's size, and
+        whether each batch is labeled."""
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
         labeled = self._chunks(self.labeled, rng)
@@ -145,8 +155,14 @@ class SemiBatchSampler(Sampler[list[int]]):
         phase = rng.random()
         slots = {math.floor((k + phase) * total / len(labeled)): k for k in range(len(labeled))}
         next_unlabeled = iter(unlabeled)
-        for position in range(total):
-            yield labeled[slots[position]] if position in slots else next(next_unlabeled)
+        batches = [labeled[slots[p]] if p in slots else next(next_unlabeled) for p in range(total)]
+        flat = torch.cat(batches) if batches else self.labeled[:0]
+        return flat, [len(b) for b in batches], [p in slots for p in range(total)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        flat, sizes, _ = self.next_epoch()
+        for batch in flat.split(sizes):
+            yield batch.tolist()
 
 
 def collate_marked(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -220,7 +236,7 @@ class UnlabeledObjective:
 
     gathers_images = True
     steps_alone = False
-    warms_up = False  # whether unlabeled batches wait for config.warmup_epochs labeled-only epochs
+    warmup_epochs = 0  # labeled-only epochs before unlabeled batches count
 
     def start(self, model: nn.Module, pool: torch.Tensor, unlabeled: torch.Tensor, normalize) -> None:
         """Called before the first unlabeled batch; `pool` is every training image, uint8 (N, 28, 28)."""
@@ -258,10 +274,11 @@ class PseudoLabel(UnlabeledObjective):
     pass over the pool, so it is right from the first unlabeled batch.
     """
 
-    warms_up = True
-
-    def __init__(self, tau: float, lambda_u: float, debias: bool = True, num_classes: int = 10):
+    def __init__(
+        self, tau: float, lambda_u: float, debias: bool = True, warmup_epochs: int = 0, num_classes: int = 10
+    ):
         self.tau = tau
+        self.warmup_epochs = warmup_epochs
         self.lambda_u = lambda_u
         self.debias = debias
         self.num_classes = num_classes
@@ -321,9 +338,21 @@ class Distill(UnlabeledObjective):
 
     steps_alone = True
 
-    def __init__(self, targets: torch.Tensor, lambda_u: float):
+    def __init__(
+        self,
+        targets: torch.Tensor,
+        lambda_u: float,
+        teachers: int = 5,
+        teacher_epochs: int = 30,
+        temperature: float = 1.0,
+        tta: bool = True,
+        align: bool = True,
+    ):
         self.targets = targets
         self.lambda_u = lambda_u
+        # How the targets were made (teachers.build reads them from the config); kept for the record.
+        self.teachers, self.teacher_epochs = teachers, teacher_epochs
+        self.temperature, self.tta, self.align = temperature, tta, align
 
     def __call__(self, model, indices, images, normalize, generator):
         pixels = weak_augment(images.unsqueeze(1).float() / 255.0, generator)
@@ -346,8 +375,11 @@ class VirtualAdversarial(UnlabeledObjective):
     lambda_u * KL(p(x) || p(x + r_adv)) + entropy_weight * H(p(x)).
     """
 
-    def __init__(self, eps: float, xi: float, lambda_u: float, entropy_weight: float, std: float):
-        self.eps, self.xi = eps / std, xi / std
+    def __init__(
+        self, vat_eps: float, vat_xi: float, lambda_u: float, entropy_weight: float, std: float = 1.0
+    ):
+        self.vat_eps, self.vat_xi = vat_eps, vat_xi
+        self.eps, self.xi = vat_eps / std, vat_xi / std  # in normalized-input units
         self.lambda_u = lambda_u
         self.entropy_weight = entropy_weight
 
@@ -373,20 +405,22 @@ class VirtualAdversarial(UnlabeledObjective):
 
 
 def make_objective(config, teacher_probs: torch.Tensor | None = None, std: float = 1.0) -> UnlabeledObjective:
-    """The unlabeled objective a TrainConfig names; distill needs the teachers' (N, C) targets."""
-    if config.unlabeled == "skip":
-        return Skip()
+    """The unlabeled objective a TrainConfig names, built from the fields declared for it.
+
+    distill also needs the teachers' (N, C) targets; vat the pool's pixel std, to size its steps.
+    """
+    settings = config.objective_settings()
     if config.unlabeled == "pseudo":
-        return PseudoLabel(config.tau, config.lambda_u, config.debias)
+        return PseudoLabel(**settings)
     if config.unlabeled == "distill":
         if teacher_probs is None:
             raise ValueError(
-                "unlabeled 'distill' needs the teachers' targets: build them with teachers.targets"
+                "unlabeled 'distill' needs the teachers' targets: build them with teachers.build"
             )
-        return Distill(teacher_probs, config.lambda_u)
+        return Distill(teacher_probs, **settings)
     if config.unlabeled == "vat":
-        return VirtualAdversarial(config.vat_eps, config.vat_xi, config.lambda_u, config.entropy_weight, std)
-    raise ValueError(f"unknown unlabeled objective {config.unlabeled!r}: choose skip, pseudo, distill or vat")
+        return VirtualAdversarial(**settings, std=std)
+    return Skip(**settings)
 
 
 def pseudo_label_accuracy(record: torch.Tensor, hidden: torch.Tensor) -> tuple[float, float]:

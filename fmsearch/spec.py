@@ -8,52 +8,16 @@ from __future__ import annotations
 
 import itertools
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fmsearch.engine import MONITORS, OPTIMIZERS, SCHEDULES, UNLABELED, TrainConfig
-from fmsearch.models import ARCHITECTURES
+from fmsearch.engine import TrainConfig
+from fmsearch.errors import FmsearchError
+from fmsearch.params import Param, param, parameters
 
-# Training parameters a study may fix, condition on or search, with their types and choices.
-PARAMETERS: dict[str, type] = {
-    "arch": str,
-    "lr": float,
-    "dropout": float,
-    "optimizer": str,
-    "schedule": str,
-    "weight_decay": float,
-    "labeled_fraction": float,
-    "labeled_count": int,
-    "unlabeled": str,
-    "tau": float,
-    "lambda_u": float,
-    "debias": bool,
-    "warmup_epochs": int,
-    "teachers": int,
-    "teacher_epochs": int,
-    "temperature": float,
-    "tta": bool,
-    "align": bool,
-    "vat_eps": float,
-    "vat_xi": float,
-    "entropy_weight": float,
-    "augment": bool,
-    "nesterov": bool,
-    "ema": float,
-    "seed": int,
-    "monitor": str,
-    "amp": bool,
-    "channels_last": bool,
-    "compile": bool,
-}
-CHOICES: dict[str, tuple] = {
-    "arch": tuple(sorted(ARCHITECTURES)),
-    "optimizer": OPTIMIZERS,
-    "schedule": SCHEDULES,
-    "unlabeled": UNLABELED,
-    "monitor": MONITORS,
-}
+# Training parameters a study may fix, condition on or search: TrainConfig's, less the run-level ones.
+PARAMETERS: dict[str, Param] = {name: p for name, p in parameters(TrainConfig).items() if p.study}
 # The order in which dimensions are suggested: a conditional one comes after what it depends on.
 SUGGEST_ORDER = tuple(PARAMETERS)
 PRUNERS = ("median", "percentile", "hyperband", "none")
@@ -75,25 +39,8 @@ TOP_LEVEL = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(FmsearchError):
     """A study file is wrong; the message names the file, the key and the fix."""
-
-
-# Parameters that mean something only for some unlabeled objectives.
-OBJECTIVE_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "tau": ("pseudo",),
-    "debias": ("pseudo",),
-    "warmup_epochs": ("pseudo",),
-    "lambda_u": ("pseudo", "distill", "vat"),
-    "teachers": ("distill",),
-    "teacher_epochs": ("distill",),
-    "temperature": ("distill",),
-    "tta": ("distill",),
-    "align": ("distill",),
-    "vat_eps": ("vat",),
-    "vat_xi": ("vat",),
-    "entropy_weight": ("vat",),
-}
 
 
 def is_semi(params: dict[str, Any]) -> bool:
@@ -103,11 +50,11 @@ def is_semi(params: dict[str, Any]) -> bool:
 
 def applies(name: str, params: dict[str, Any]) -> bool:
     """Whether a parameter means anything given those already chosen (conditional dimensions)."""
-    if name == "unlabeled":
-        return is_semi(params)
-    if name in OBJECTIVE_PARAMETERS:
-        return is_semi(params) and params.get("unlabeled") in OBJECTIVE_PARAMETERS[name]
-    return True
+    declared = PARAMETERS[name]
+    if declared.objectives:
+        unlabeled = params.get("unlabeled", PARAMETERS["unlabeled"].default)
+        return is_semi(params) and unlabeled in declared.objectives
+    return is_semi(params) if declared.semi else True
 
 
 @dataclass(frozen=True)
@@ -128,18 +75,20 @@ Dimension = Categorical | Range
 
 @dataclass(frozen=True)
 class PrunerSpec:
-    name: str = "median"  # median, percentile, hyperband or none
-    warmup_epochs: int = 2  # epochs before a trial may be pruned
-    startup_trials: int = 3  # finished trials before pruning starts
-    percentile: float = 25.0  # percentile pruner: keep trials above this percentile
+    name: str = param("median", "the pruner", choices=PRUNERS)
+    warmup_epochs: int = param(2, "epochs before a trial may be pruned", low=0)
+    startup_trials: int = param(3, "finished trials before pruning starts", low=0)
+    percentile: float = param(
+        25.0, "percentile pruner: keep trials above this percentile", low=0.0, high=100.0
+    )
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    name: str = "tpe"  # tpe or random
-    seed: int = 0
-    multivariate: bool = True  # TPE models the dimensions jointly
-    startup_trials: int = 5  # random trials before TPE takes over
+    name: str = param("tpe", "the sampler", choices=SAMPLERS)
+    seed: int = param(0, "the sampler's seed", low=0, high=2**32 - 1)
+    multivariate: bool = param(True, "TPE models the dimensions jointly")
+    startup_trials: int = param(5, "random trials before TPE takes over", low=0)
 
 
 @dataclass(frozen=True)
@@ -183,16 +132,32 @@ def _fail(path: Path, key: str, problem: str, fix: str) -> SpecError:
     return SpecError(f"{path}: {key}: {problem}; {fix}")
 
 
-def _check_type(path: Path, key: str, name: str, value: Any) -> Any:
-    expected = PARAMETERS[name]
-    ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        raise _fail(path, key, f"{value!r} is not a {expected.__name__}", f"write a {expected.__name__}")
-    if name in CHOICES and value not in CHOICES[name]:
-        raise _fail(path, key, f"unknown value {value!r}", f"choose from {list(CHOICES[name])}")
+def _typed(path: Path, key: str, declared: Param, value: Any) -> Any:
+    """`value` if it has its parameter's type (an int becomes a float where one is due)."""
+    if not declared.type_ok(value):
+        raise _fail(path, key, f"{value!r} is not {declared.type_text()}", f"write {declared.type_text()}")
+    return float(value) if declared.type is float else value
+
+
+def _check_value(path: Path, key: str, declared: Param, value: Any, what: str = "value") -> Any:
+    """`value` if its parameter's declaration accepts it: type, then choices, then range."""
+    value = _typed(path, key, declared, value)
+    if declared.choices and value not in declared.choices:
+        raise _fail(path, key, f"unknown {what} {value!r}", f"choose from {list(declared.choices)}")
+    if declared.type in (int, float) and not declared.in_range(value):
+        raise _fail(
+            path, key, f"{value!r} is out of range", f"{declared.name} must be {declared.range_text()}"
+        )
     return value
+
+
+def _values(path: Path, key: str, name: str, raw: list) -> tuple:
+    """A condition's values or a categorical dimension's choices: each valid, none repeated."""
+    values = tuple(_check_value(path, key, PARAMETERS[name], v) for v in raw)
+    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if repeated is not None:
+        raise _fail(path, key, f"{repeated!r} is listed twice", "list each value once")
+    return values
 
 
 def _check_param_name(path: Path, key: str, name: str) -> None:
@@ -205,7 +170,7 @@ def _dimension(path: Path, name: str, raw: Any) -> Dimension:
     if isinstance(raw, list):
         if not raw:
             raise _fail(path, key, "empty list", "list at least one value")
-        return Categorical(tuple(_check_type(path, key, name, v) for v in raw))
+        return Categorical(_values(path, key, name, raw))
     if not isinstance(raw, dict):
         raise _fail(
             path, key, f"{raw!r} is neither a list nor a range", "write [a, b] or {low = .., high = ..}"
@@ -213,11 +178,12 @@ def _dimension(path: Path, name: str, raw: Any) -> Dimension:
     unknown = set(raw) - {"low", "high", "log"}
     if unknown:
         raise _fail(path, key, f"unknown range key {sorted(unknown)[0]!r}", "use low, high and log")
-    if PARAMETERS[name] not in (int, float):
+    declared = PARAMETERS[name]
+    if declared.type not in (int, float):
         raise _fail(path, key, "a range needs a numeric parameter", "list the choices instead")
     if "low" not in raw or "high" not in raw:
         raise _fail(path, key, "a range needs both low and high", "write {low = .., high = ..}")
-    low, high = (_check_type(path, key, name, raw[b]) for b in ("low", "high"))
+    low, high = (_typed(path, f"{key}.{end}", declared, raw[end]) for end in ("low", "high"))
     log = raw.get("log", False)
     if not isinstance(log, bool):
         raise _fail(path, key, f"log = {log!r} is not a boolean", "write log = true or log = false")
@@ -225,7 +191,9 @@ def _dimension(path: Path, name: str, raw: Any) -> Dimension:
         raise _fail(path, key, f"low {low} is not below high {high}", "swap them or widen the range")
     if log and low <= 0:
         raise _fail(path, key, f"a log range needs low > 0, got {low}", "raise low or drop log")
-    return Range(low, high, log, integer=PARAMETERS[name] is int)
+    for end, value in (("low", low), ("high", high)):
+        _check_value(path, f"{key}.{end}", declared, value)
+    return Range(low, high, log, integer=declared.type is int)
 
 
 def _section(path: Path, raw: dict, key: str) -> dict:
@@ -235,22 +203,13 @@ def _section(path: Path, raw: dict, key: str) -> dict:
     return value
 
 
-def _dataclass_from(path: Path, key: str, cls: type, raw: dict, allowed_names: tuple | None):
-    known = {f.name: f for f in fields(cls)}
-    values = {}
+def _dataclass_from(path: Path, key: str, cls: type, raw: dict):
+    known = parameters(cls)
     for name, value in raw.items():
         if name not in known:
             raise _fail(path, f"{key}.{name}", "unknown key", f"use one of {sorted(known)}")
-        default = getattr(cls(), name)
-        if type(value) is not type(default) and not (isinstance(default, float) and type(value) is int):
-            raise _fail(path, f"{key}.{name}", f"{value!r} is not a {type(default).__name__}", "fix the type")
-        values[name] = value
-    result = cls(**values)
-    if allowed_names is not None and result.name not in allowed_names:
-        raise _fail(
-            path, f"{key}.name", f"unknown {key} {result.name!r}", f"choose from {list(allowed_names)}"
-        )
-    return result
+        _check_value(path, f"{key}.{name}", known[name], value, what=key)
+    return cls(**raw)
 
 
 def _positive_int(path: Path, raw: dict, key: str, default: int | None) -> int | None:
@@ -262,30 +221,30 @@ def _positive_int(path: Path, raw: dict, key: str, default: int | None) -> int |
     return value
 
 
-def parse(path: Path, text: str | None = None) -> StudySpec:
-    """Read and validate a study file; raises SpecError with a one-line message."""
-    path = Path(path)
+def _read(path: Path) -> dict:
     try:
-        text = path.read_text() if text is None else text
+        text = path.read_bytes().decode("utf-8")
     except OSError as error:
         raise SpecError(
             f"{path}: cannot read ({error.strerror}); check the study name under studies/"
         ) from None
+    except UnicodeDecodeError as error:
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            "save the file as UTF-8"
+        ) from None
+    return _toml(path, text)
+
+
+def _toml(path: Path, text: str) -> dict:
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path}: not valid TOML ({error}); fix the syntax") from None
 
-    for key in raw:
-        if key not in TOP_LEVEL:
-            raise _fail(path, key, "unknown key", f"use one of {sorted(TOP_LEVEL)}")
-    description = raw.get("description", "")
-    if not isinstance(description, str):
-        raise _fail(path, "description", "must be a string", 'write description = "..."')
-    metric = raw.get("metric", "val_accuracy")
-    if metric not in METRICS:
-        raise _fail(path, "metric", f"unsupported metric {metric!r}", f"use one of {list(METRICS)}")
 
+def _parameter_sections(path: Path, raw: dict) -> tuple[dict, dict, dict]:
+    """[fixed], [conditions] and [space], each value checked by its TrainConfig declaration."""
     fixed_raw, conditions_raw, space_raw = (_section(path, raw, k) for k in ("fixed", "conditions", "space"))
     seen: dict[str, str] = {}
     for section, table in (("fixed", fixed_raw), ("conditions", conditions_raw), ("space", space_raw)):
@@ -297,15 +256,50 @@ def parse(path: Path, text: str | None = None) -> StudySpec:
                 )
             seen[name] = section
 
-    fixed = {name: _check_type(path, f"fixed.{name}", name, v) for name, v in fixed_raw.items()}
+    fixed = {name: _check_value(path, f"fixed.{name}", PARAMETERS[name], v) for name, v in fixed_raw.items()}
     conditions: dict[str, tuple] = {}
     for name, values in conditions_raw.items():
         key = f"conditions.{name}"
         if not isinstance(values, list) or not values:
             raise _fail(path, key, "must be a non-empty list", f"write {name} = [value, ...]")
-        conditions[name] = tuple(_check_type(path, key, name, v) for v in values)
+        conditions[name] = _values(path, key, name, values)
     space = {name: _dimension(path, name, dim) for name, dim in space_raw.items()}
+    return fixed, conditions, space
 
+
+def _check_something_is_searched(spec: StudySpec) -> None:
+    """More than one trial per condition needs a dimension that applies there, or all are the same."""
+    if spec.trials == 1:
+        return
+    fix = "add a dimension to [space] or set trials = 1"
+    if not spec.space:
+        raise _fail(spec.path, "space", f"empty, so all {spec.trials} trials would be identical", fix)
+    for condition in spec.condition_list():
+        params = {**spec.fixed, **condition}
+        if not any(applies(name, params) for name in spec.space):
+            raise _fail(
+                spec.path,
+                "space",
+                f"no dimension applies in {spec.study_name(condition)}, so its {spec.trials} trials "
+                "would be identical",
+                fix,
+            )
+
+
+def parse(path: Path, text: str | None = None) -> StudySpec:
+    """Read and validate a study file; raises SpecError with a one-line message."""
+    path = Path(path)
+    raw = _read(path) if text is None else _toml(path, text)
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise _fail(path, key, "unknown key", f"use one of {sorted(TOP_LEVEL)}")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise _fail(path, "description", "must be a string", 'write description = "..."')
+    metric = raw.get("metric", "val_accuracy")
+    if metric not in METRICS:
+        raise _fail(path, "metric", f"unsupported metric {metric!r}", f"use one of {list(METRICS)}")
+    fixed, conditions, space = _parameter_sections(path, raw)
     spec = StudySpec(
         name=path.stem,
         path=path,
@@ -316,18 +310,13 @@ def parse(path: Path, text: str | None = None) -> StudySpec:
         patience=_positive_int(path, raw, "patience", 3),
         metric=metric,
         pool_limit=_positive_int(path, raw, "pool_limit", None),
-        sampler=_dataclass_from(path, "sampler", SamplerSpec, _section(path, raw, "sampler"), SAMPLERS),
-        pruner=_dataclass_from(path, "pruner", PrunerSpec, _section(path, raw, "pruner"), PRUNERS),
+        sampler=_dataclass_from(path, "sampler", SamplerSpec, _section(path, raw, "sampler")),
+        pruner=_dataclass_from(path, "pruner", PrunerSpec, _section(path, raw, "pruner")),
         fixed=fixed,
         conditions=conditions,
         space=space,
     )
-    # Every fixed/condition value must make a valid TrainConfig (ranges such as dropout < 1).
-    for condition in spec.condition_list():
-        try:
-            TrainConfig(**{**fixed, **condition})
-        except ValueError as error:
-            raise _fail(path, "fixed/conditions", str(error), "fix the value") from None
+    _check_something_is_searched(spec)
     return spec
 
 
@@ -363,8 +352,3 @@ def find(name: str, studies_dir: Path) -> Path:
         known = sorted(p.stem for p in Path(studies_dir).glob("*.toml"))
         raise SpecError(f"{path}: no such study file; choose one of {known} or write {path}")
     return path
-
-
-def upper_bound_epochs(spec: StudySpec, trials: int, max_epochs: int) -> int:
-    """Epochs the study would cost if every trial ran to max epochs."""
-    return len(spec.condition_list()) * trials * max_epochs

@@ -30,11 +30,12 @@ from optuna.trial import FrozenTrial, TrialState
 from sklearn.metrics import confusion_matrix
 
 from fmsearch import data, engine, teachers
+from fmsearch.errors import FmsearchError
 from fmsearch.models import build_model
 from fmsearch.spec import StudySpec, is_semi, suggest
 
 
-class StudyError(RuntimeError):
+class StudyError(FmsearchError):
     """A study cannot run as asked (bad storage URL, ...); the message says how to fix it."""
 
 
@@ -530,7 +531,9 @@ def run(
     """Run every condition to N finished trials with `options.jobs` workers, then score the bests.
 
     `splits` is the parent's data; with one job it is reused, with more each process loads its own.
+    The storage and the studies are created (or found) here, before any worker starts.
     """
+    prepare(spec, options)
     if options.jobs == 1:
         work(spec, options, 0, threading.Lock(), reporter_factory, splits)
     else:

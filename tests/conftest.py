@@ -220,7 +220,6 @@ def run_tiny_study(
     }
     run_options = study.RunOptions(**values)
     splits = study.load_splits(study_spec, run_options, torch.device("cpu"))
-    study.prepare(study_spec, run_options)
     summaries = study.run(study_spec, run_options, QuietReporter, splits)
     return TinyStudy(study_spec, run_options, summaries)
 

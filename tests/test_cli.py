@@ -29,7 +29,10 @@ def fmsearch(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproc
     [
         (["train", "--lr", "-1"], "argument --lr: must be positive, got -1"),
         (["train", "--arch", "resnet"], "argument --arch: invalid choice: 'resnet'"),
-        (["train", "--dropout", "2"], "argument --dropout: must be in [0, 1], got 2"),
+        (["train", "--dropout", "2"], "argument --dropout: must be in [0, 1), got 2"),
+        (["train", "--warmup-epochs", "-1"], "argument --warmup-epochs: must be non-negative, got -1"),
+        (["train", "--seed", "-1"], "argument --seed: must be in [0, 4294967295], got -1"),
+        (["train", "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
         (["study"], "the following arguments are required: name"),
         (["study", "semi", "--jobs", "0"], "argument --jobs: must be at least 1, got 0"),
     ],
@@ -76,6 +79,8 @@ def test_train_prints_the_epoch_table_and_the_test_score(tmp_path):
     assert (tmp_path / "run.json").exists()
 
 
+@needs_real_data
+@pytest.mark.slow
 def test_train_passes_the_semi_label_flags_through(tmp_path):
     flags = ["--labeled-fraction", "0.1", "--unlabeled", "pseudo", "--tau", "0.7", "--lambda-u", "2"]
     result = fmsearch(
@@ -118,3 +123,58 @@ def test_a_short_study_on_real_data_runs_reports_and_resumes(tmp_path):
 def test_data_command_names_its_source():
     result = fmsearch("data")
     assert result.returncode == 0 and result.stdout.startswith("data: local files in ")
+
+
+def test_every_training_parameter_is_a_flag_that_reaches_the_config():
+    from dataclasses import fields
+
+    from fmsearch import cli, engine
+    from fmsearch.params import parameters
+
+    changed = {"arch": "adaptive", "optimizer": "sgd", "schedule": "cosine", "unlabeled": "pseudo"}
+    changed |= {"monitor": "val_accuracy", "labeled_fraction": 0.5, "tau": 0.5, "dropout": 0.5}
+    argv = ["train"]
+    for p in parameters(engine.TrainConfig).values():
+        flag = "--" + p.name.replace("_", "-")
+        if p.type is bool:
+            changed[p.name] = not p.default
+            argv.append(flag if not p.default else "--no-" + flag[2:])
+        else:
+            if p.name not in changed:
+                changed[p.name] = (p.default or 0) + 2 if p.type is int else p.default * 2 + 0.1
+            argv += [flag, str(changed[p.name])]
+        assert changed[p.name] != p.default, p.name
+    config = cli.train_config(cli.build_parser().parse_args(argv))
+    assert {f.name: getattr(config, f.name) for f in fields(config)} == changed
+    assert cli.train_config(cli.build_parser().parse_args(["train"])) == engine.TrainConfig()
+    assert cli.train_config(cli.build_parser().parse_args(["train", "--no-patience"])).patience is None
+
+
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    from fmsearch import cli, data, engine, report, spec, study
+    from fmsearch.errors import FmsearchError
+
+    for error in (
+        spec.SpecError,
+        data.DataError,
+        study.StudyError,
+        report.ReportError,
+        engine.DivergenceError,
+    ):
+        assert issubclass(error, FmsearchError)
+
+    def user_error(args):
+        raise spec.SpecError("studies/x.toml: trials: 0 is not a positive integer; write a whole number")
+
+    monkeypatch.setattr(cli, "cmd_data", user_error)
+    assert cli.main(["data"]) == 1
+    assert capsys.readouterr().err == (
+        "fmsearch data: error: studies/x.toml: trials: 0 is not a positive integer; write a whole number\n"
+    )
+
+    def bug(args):
+        raise ValueError("math domain error")
+
+    monkeypatch.setattr(cli, "cmd_data", bug)
+    with pytest.raises(ValueError, match="math domain error"):
+        cli.main(["data"])

@@ -132,9 +132,8 @@ def test_dashboard_keeps_serving_while_a_study_writes(dashboard):
         return len(json.loads(urllib.request.urlopen(detail, timeout=10).read())["trials"])
 
     before = served_trials()
-    for step in range(
-        20
-    ):  # trials written as a running study writes them, with the dashboard reading between
+    # Trials written as a running study writes them, with the dashboard reading between writes.
+    for step in range(20):
         trial = study.ask()
         trial.report(0.5, step)
         study.tell(trial, 0.5)

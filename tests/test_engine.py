@@ -1,7 +1,10 @@
+import math
 from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -188,6 +191,52 @@ def test_best_weights_load_back_with_weights_only(tiny_splits, tmp_path):
     after = engine.evaluate(model, tiny_splits.test_images, tiny_splits.test_labels, tiny_splits.normalize)
     assert after.accuracy == before.accuracy and torch.equal(after.predictions, before.predictions)
     assert after.predictions.shape == tiny_splits.test_labels.shape
+
+
+def _fit_watching_convolutions(config, splits):
+    """Fit `config`, recording (input, output) of every Conv2d call in training mode."""
+    seen = []
+
+    def watch(module, inputs, output):
+        if isinstance(module, nn.Conv2d) and module.training:
+            seen.append((inputs[0], output))
+
+    handle = register_module_forward_hook(watch)
+    try:
+        result = engine.fit(config, splits)
+    finally:
+        handle.remove()
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in result.history)
+    return result, seen
+
+
+def test_bf16_autocast_runs_on_the_cpu(tiny_splits):
+    result, seen = _fit_watching_convolutions(replace(FAST, epochs=1, amp=True), tiny_splits)
+    assert seen and all(output.dtype == torch.bfloat16 for _, output in seen)
+    assert result.best["val_accuracy"] > 0.3  # chance is 0.1
+
+
+def test_channels_last_runs_on_the_cpu(tiny_splits):
+    result, seen = _fit_watching_convolutions(replace(FAST, epochs=1, channels_last=True), tiny_splits)
+    wide_inputs = [x for x, _ in seen if x.shape[1] > 1]  # one channel is laid out the same either way
+    assert wide_inputs and all(x.is_contiguous(memory_format=torch.channels_last) for x in wide_inputs)
+    assert not any(x.is_contiguous() for x in wide_inputs)
+    assert result.model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert result.best["val_accuracy"] > 0.3
+
+
+@pytest.mark.slow  # compiling takes 30-50 s on 2 CPU cores
+def test_torch_compile_runs_on_the_cpu(tiny_splits):
+    from torch._dynamo.utils import counters  # torch's own count of the graphs it compiled
+
+    torch._dynamo.reset()
+    counters.clear()
+    config = replace(FAST, epochs=1, compile=True)
+    result = engine.fit(config, tiny_splits)
+    assert counters["stats"]["unique_graphs"] >= 1
+    eager = engine.fit(replace(config, compile=False), tiny_splits)
+    # Fused kernels round differently, so 32 steps drift a little; a broken graph would not be this close.
+    assert result.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=0.02)
 
 
 def test_bad_configuration_is_refused_by_name():

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from fmsearch.models import ARCHITECTURES, build_model
 
@@ -11,13 +12,18 @@ def test_output_is_batch_by_ten_for_every_batch_size(arch, batch):
     assert model(torch.randn(batch, 1, 28, 28)).shape == (batch, 10)
 
 
-def test_plain_cnn_applies_its_pooling():
-    # The seed forgot the pooling, so 64 images became 1,024 rows; here the features are 64*7*7 per image.
-    model = build_model("plain", 0.0)
-    features = model.pool(
-        torch.relu(model.conv2(model.pool(torch.relu(model.conv1(torch.zeros(2, 1, 28, 28))))))
-    )
-    assert features.shape == (2, 64, 7, 7)
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_forward_pools_twice_so_the_classifier_sees_64x7x7_per_image(arch):
+    # The seed defined its pooling but never applied it, so 64 images became 1,024 rows.
+    model = build_model(arch, 0.0)
+    seen = []
+    pools = [m for m in model.modules() if isinstance(m, (nn.MaxPool2d, nn.AdaptiveAvgPool2d))]
+    for module in [*pools, model.fc1]:
+        module.register_forward_hook(lambda module, inputs, output: seen.append((module, output.shape)))
+    model(torch.zeros(2, 1, 28, 28))
+    shapes = [shape for module, shape in seen if module is not model.fc1]
+    assert shapes == [(2, 32, 14, 14), (2, 64, 7, 7)]
+    assert model.fc1.in_features == 64 * 7 * 7 and [s for m, s in seen if m is model.fc1] == [(2, 128)]
 
 
 def test_dropout_is_a_parameter():

@@ -1,3 +1,4 @@
+import inspect
 import math
 from dataclasses import replace
 
@@ -11,10 +12,13 @@ from fmsearch import engine, teachers
 from fmsearch.models import build_model
 from fmsearch.semi import (
     HIDDEN,
+    Distill,
     PseudoLabel,
     SemiBatchSampler,
+    Skip,
     VirtualAdversarial,
     collate_marked,
+    make_objective,
     pseudo_label_accuracy,
     select_labeled,
     strong_augment,
@@ -79,6 +83,19 @@ def test_order_is_reshuffled_each_epoch_and_deterministic_from_the_seed():
     assert batches_of(other) != epoch1
     second.set_epoch(1)
     assert batches_of(second) == epoch2
+
+
+@pytest.mark.parametrize("n_labeled,n_unlabeled,batch_size,seed", CASES[::5])
+def test_an_epoch_is_one_index_tensor_cut_into_the_same_batches(n_labeled, n_unlabeled, batch_size, seed):
+    labeled, unlabeled = torch.arange(n_labeled), torch.arange(1000, 1000 + n_unlabeled)
+    tensors = SemiBatchSampler(labeled, unlabeled, batch_size, seed=seed)
+    lists = SemiBatchSampler(labeled, unlabeled, batch_size, seed=seed)
+    for _ in range(2):
+        flat, sizes, kinds = tensors.next_epoch()
+        batches = batches_of(lists)
+        assert flat.dtype == torch.int64 and sum(sizes) == len(flat)
+        assert [chunk.tolist() for chunk in flat.split(sizes)] == batches
+        assert kinds == [batch[0] < 1000 for batch in batches]
 
 
 def test_works_unchanged_in_a_dataloader_and_marks_each_batch():
@@ -323,7 +340,7 @@ def test_vat_moves_the_input_by_eps_along_the_direction_that_most_changes_the_pr
 
     seen = []
     model.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
-    objective = VirtualAdversarial(eps=2.0, xi=0.1, lambda_u=1.0, entropy_weight=0.0, std=std)
+    objective = VirtualAdversarial(vat_eps=2.0, vat_xi=0.1, lambda_u=1.0, entropy_weight=0.0, std=std)
     step = objective(model, torch.arange(16), images, normalize, torch.Generator().manual_seed(0))
     clean, _probe, adversarial = seen  # clean prediction, power iteration, perturbed pass
     r_adv = adversarial - clean
@@ -341,3 +358,23 @@ def test_vat_moves_the_input_by_eps_along_the_direction_that_most_changes_the_pr
         ]
     assert kl(r_adv) > max(random)
     assert step.loss.item() == pytest.approx(kl(r_adv), rel=1e-4) and step.pseudo_labels is None
+
+
+OBJECTIVES = {Skip: "skip", PseudoLabel: "pseudo", Distill: "distill", VirtualAdversarial: "vat"}
+NOT_CONFIG = {Distill: {"targets": torch.full((4, 10), 0.1)}, VirtualAdversarial: {"std": 0.5}}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_an_objective_is_built_from_the_config_fields_declared_for_it(objective):
+    """Each objective's constructor takes exactly the TrainConfig fields that name it (params' objectives)."""
+    config = engine.TrainConfig(
+        labeled_fraction=0.5, unlabeled=OBJECTIVES[objective], tau=0.5, lambda_u=2.0, debias=False, teachers=2
+    )
+    settings = config.objective_settings()
+    extra = NOT_CONFIG.get(objective, {})
+    accepted = inspect.signature(objective).parameters
+    required = {n for n, p in accepted.items() if p.default is p.empty}
+    assert required <= set(settings) | set(extra) and set(settings) <= set(accepted)
+    built = objective(**settings, **extra)
+    assert all(getattr(built, key) == value for key, value in settings.items())
+    assert type(make_objective(config, extra.get("targets"), extra.get("std", 1.0))) is objective

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ def test_every_shipped_study_file_is_valid(path):
 
 
 def test_shipped_studies_are_the_ones_the_readme_names():
-    assert {p.stem for p in STUDIES} >= {"smoke", "semi", "full", "fraction"}
+    section = Path("README.md").read_text().split("## What a study is", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M))  # the first cell of each table row
+    assert named == {p.stem for p in STUDIES} and len(named) >= 4
 
 
 def test_semi_makes_the_labeled_fraction_a_condition_not_a_dimension():
@@ -50,10 +53,57 @@ BAD = [
     ("[pruner]\nname = 'asha'", "pruner.name: unknown pruner 'asha'"),
     ("[pruner]\nwarmup = 2", "pruner.warmup: unknown key"),
     ("[conditions]\nlabeled_fraction = []", "conditions.labeled_fraction: must be a non-empty list"),
-    ("[fixed]\ndropout = 1.5", "fixed/conditions: dropout must be in [0, 1)"),
+    ("[fixed]\ndropout = 1.5", "fixed.dropout: 1.5 is out of range; dropout must be in [0, 1)"),
     ("[fixed]\nlr = 1e-3\n[space]\nlr = [1e-3]", "space.lr: also set in [fixed]"),
     ("trials = [", "not valid TOML"),
 ]
+# Every value, whether fixed, a condition, a choice or a range's end, meets TrainConfig's own rule.
+OUT_OF_RANGE = [
+    ("[space]\ndropout = [1.5]", "space.dropout: 1.5 is out of range; dropout must be in [0, 1)"),
+    ("[space]\ndropout = { low = 0.0, high = 1.0 }", "space.dropout.high: 1.0 is out of range"),
+    ("[space]\nlabeled_fraction = [2.0]", "space.labeled_fraction: 2.0 is out of range"),
+    ("[conditions]\nlabeled_fraction = [1.0, 2.0]", "conditions.labeled_fraction: 2.0 is out of range"),
+    ("[space]\nlr = { low = -1, high = 1 }", "space.lr.low: -1.0 is out of range; lr must be positive"),
+    (
+        "[space]\ntau = { low = 0.5, high = 1.5 }",
+        "space.tau.high: 1.5 is out of range; tau must be in [0, 1]",
+    ),
+    ("[fixed]\ntau = 1.2", "fixed.tau: 1.2 is out of range; tau must be in [0, 1]"),
+    (
+        "[space]\nlambda_u = [-1.0, 1.0]",
+        "space.lambda_u: -1.0 is out of range; lambda_u must be non-negative",
+    ),
+    (
+        "[space]\nlabeled_count = [0, 100]",
+        "space.labeled_count: 0 is out of range; labeled_count must be at least 1",
+    ),
+    (
+        "[fixed]\nwarmup_epochs = -1",
+        "fixed.warmup_epochs: -1 is out of range; warmup_epochs must be non-negative",
+    ),
+    ("[fixed]\nweight_decay = -0.1", "fixed.weight_decay: -0.1 is out of range"),
+    ("[space]\nseed = [0, -3]", "space.seed: -3 is out of range; seed must be in [0, 4294967295]"),
+    ("[fixed]\nseed = 1.5", "fixed.seed: 1.5 is not an int; write an int"),
+    (
+        "[pruner]\nname = 'percentile'\npercentile = 200",
+        "pruner.percentile: 200.0 is out of range; percentile must be in [0, 100]",
+    ),
+    ("[sampler]\nstartup_trials = -1", "sampler.startup_trials: -1 is out of range"),
+]
+REPEATED_OR_IDENTICAL = [
+    ("[conditions]\nlabeled_fraction = [0.1, 0.1]", "conditions.labeled_fraction: 0.1 is listed twice"),
+    ("[conditions]\nlabeled_fraction = [1, 1.0]", "conditions.labeled_fraction: 1.0 is listed twice"),
+    ("[space]\narch = ['plain', 'plain']", "space.arch: 'plain' is listed twice; list each value once"),
+    (
+        "trials = 3",
+        "space: empty, so all 3 trials would be identical; add a dimension to [space] or set trials = 1",
+    ),
+    (
+        "trials = 3\n[conditions]\nlabeled_fraction = [1.0, 0.1]\n[space]\ntau = [0.9, 0.95]",
+        "space: no dimension applies in bad/labels=100%, so its 3 trials would be identical",
+    ),
+]
+BAD += OUT_OF_RANGE + REPEATED_OR_IDENTICAL
 
 
 @pytest.mark.parametrize("text,message", BAD, ids=[b[1].split(":")[0] for b in BAD])
@@ -65,6 +115,20 @@ def test_a_bad_study_file_gets_one_line_naming_the_file_and_the_key(tmp_path, te
     assert str(caught.value).startswith(f"{path}: ")
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_one_trial_needs_no_search_space(tmp_path):
+    path = tmp_path / "single.toml"
+    path.write_text("trials = 1\n[fixed]\nlr = 1e-3\n")
+    assert spec.parse(path).space == {}
+
+
+def test_a_file_that_is_not_utf8_is_named_with_the_fix(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('description = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(spec.SpecError) as caught:
+        spec.parse(path)
+    assert str(caught.value) == f"{path}: not UTF-8 text (byte 0xe9 at offset 18); save the file as UTF-8"
 
 
 def test_cli_refuses_a_bad_study_file_in_one_line_before_training(tmp_path):
