@@ -241,3 +241,55 @@ def test_parallel_workers_run_on_a_storage_created_before_they_start(tmp_path, t
     assert not (tmp_path / "studies.db").exists()
     run = run_tiny_study(tmp_path, tiny, text, name="prepared", jobs=2)
     assert len(trials_of(run.storage, run.summaries[0].study_name)) == 1
+
+
+DISTILL_STUDY = """
+description = "tiny: distillation at half the labels"
+trials = 3
+max_epochs = 2
+batch_size = 32
+patience = 2
+
+[pruner]
+name = "none"
+
+[fixed]
+unlabeled = "distill"
+teachers = 2
+teacher_epochs = 2
+
+[conditions]
+labeled_fraction = [0.5]
+
+[space]
+lr = { low = 1e-3, high = 3e-3, log = true }
+"""
+
+
+def test_distill_trials_share_their_teachers_and_record_their_cost(tmp_path, tiny):
+    run = run_tiny_study(tmp_path, tiny, DISTILL_STUDY, name="distilled")
+    trials = trials_of(run.storage, run.summaries[0].study_name)
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    cache = run.options.results_dir / "teachers"
+    assert len(list(cache.glob("*-logits.pt"))) == 2  # trained once by the first trial, read by the others
+    costs = [t.user_attrs["teachers"] for t in trials]
+    assert all(c == costs[0] for c in costs) and costs[0]["count"] == 2 and costs[0]["epochs"] == 4
+    assert 0.0 < costs[0]["test_accuracy"] <= 1.0
+
+
+def test_the_pruner_waits_for_the_pseudo_label_warm_up(tmp_path, tiny):
+    """A pseudo trial is judged only after its labeled-only epochs plus the pruner's own warm-up."""
+    pruner = "name = 'percentile'\npercentile = 99.0\nwarmup_epochs = 1\nstartup_trials = 1"
+    text = (
+        DISTILL_STUDY.replace('unlabeled = "distill"', 'unlabeled = "pseudo"\nwarmup_epochs = 3')
+        .replace("max_epochs = 2", "max_epochs = 5")
+        .replace("patience = 2", "patience = 5")
+        .replace('name = "none"', pruner)
+        .replace("trials = 3", "trials = 6")
+        .replace("low = 1e-3, high = 3e-3", "low = 1e-5, high = 3e-3")  # slow rates lag: something to prune
+    )
+    run = run_tiny_study(tmp_path, tiny, text, name="warm")
+    trials = trials_of(run.storage, run.summaries[0].study_name)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, [t.state for t in trials]  # a 99th-percentile pruner prunes once it may
+    assert all(len(t.intermediate_values) >= 3 + 1 for t in pruned)
