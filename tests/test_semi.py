@@ -267,66 +267,63 @@ def test_scrambling_hidden_labels_leaves_training_bit_identical(tiny, tmp_path, 
         assert a.history[-1]["pseudo_accuracy"] != b.history[-1]["pseudo_accuracy"]
 
 
-def test_pseudo_labels_beat_skipping_on_a_small_learnable_task(textures):
-    """50 labels of 400: after 6 labeled-only epochs, pseudo-labels must add at least 3 points.
+SMALL_TASK = engine.TrainConfig(
+    epochs=24,
+    batch_size=10,
+    lr=2e-3,
+    schedule="cosine",
+    labeled_count=50,
+    patience=None,
+    monitor="val_accuracy",
+)
+
+
+def small_task_accuracy(textures, tmp_path, **overrides) -> float:
+    """Mean best validation accuracy over seeds 0-2 of 50 labels of a 400-image texture pool."""
+    splits = textures.splits(pool_limit=400)
+    accuracies = []
+    for seed in range(3):
+        config = replace(SMALL_TASK, seed=seed, **overrides)
+        subset = engine.make_subset(config, splits)
+        distill = config.unlabeled == "distill"
+        probs = teachers.build(config, splits, subset, tmp_path).probs if distill else None
+        result = engine.fit(config, splits, subset=subset, teacher_probs=probs)
+        accuracies.append(result.best["val_accuracy"])
+    return float(np.mean(accuracies))
+
+
+@pytest.fixture(scope="module")
+def skip_accuracy(textures, tmp_path_factory) -> float:
+    return small_task_accuracy(textures, tmp_path_factory.mktemp("skip"))
+
+
+def test_pseudo_labels_beat_skipping_on_a_small_learnable_task(textures, tmp_path, skip_accuracy):
+    """After 6 labeled-only epochs, pseudo-labels must add 3 points (measured: 0.763 against 0.717).
 
     One optimizer step per labeled batch means 5 steps an epoch here, so the run needs 18
     semi-supervised epochs to take 90 steps; 8 (40 steps) were too few to show anything.
     """
-    splits = textures.splits(pool_limit=400)
-    results = {}
-    for unlabeled in ("skip", "pseudo"):
-        accuracies = []
-        for seed in range(3):
-            config = engine.TrainConfig(
-                epochs=24,
-                batch_size=10,
-                lr=2e-3,
-                schedule="cosine",
-                labeled_count=50,
-                unlabeled=unlabeled,
-                tau=0.9,
-                lambda_u=1.0,
-                warmup_epochs=6,
-                patience=None,
-                seed=seed,
-                monitor="val_accuracy",
-            )
-            accuracies.append(engine.fit(config, splits).best["val_accuracy"])
-        results[unlabeled] = np.mean(accuracies)
-    assert results["pseudo"] > results["skip"] + 0.03, results
+    pseudo = small_task_accuracy(textures, tmp_path, unlabeled="pseudo", tau=0.9, warmup_epochs=6)
+    assert pseudo > skip_accuracy + 0.03, (pseudo, skip_accuracy)
 
 
-def test_distillation_beats_skipping_on_a_small_learnable_task(textures, tmp_path):
-    """50 labels of 400: a student of three labels-only teachers must add at least 5 points.
+def test_distillation_beats_skipping_on_a_small_learnable_task(textures, tmp_path, skip_accuracy):
+    """A student of three labels-only teachers must add 5 points.
 
-    Measured: skip 0.717, distill 0.820 (mean of 3 seeds; the teachers' ensembles 0.72 to 0.77).
+    Measured: skip 0.717, distill 0.820 (the teachers' ensembles 0.72 to 0.77).
     """
-    splits = textures.splits(pool_limit=400)
-    results = {}
-    for unlabeled in ("skip", "distill"):
-        accuracies = []
-        for seed in range(3):
-            config = engine.TrainConfig(
-                epochs=24,
-                batch_size=10,
-                lr=2e-3,
-                schedule="cosine",
-                labeled_count=50,
-                unlabeled=unlabeled,
-                patience=None,
-                seed=seed,
-                monitor="val_accuracy",
-                teachers=3,
-                teacher_epochs=24,
-            )
-            subset = engine.make_subset(config, splits)
-            probs = teachers.build(config, splits, subset, tmp_path).probs if unlabeled == "distill" else None
-            accuracies.append(
-                engine.fit(config, splits, subset=subset, teacher_probs=probs).best["val_accuracy"]
-            )
-        results[unlabeled] = np.mean(accuracies)
-    assert results["distill"] > results["skip"] + 0.05, results
+    distill = small_task_accuracy(textures, tmp_path, unlabeled="distill", teachers=3, teacher_epochs=24)
+    assert distill > skip_accuracy + 0.05, (distill, skip_accuracy)
+
+
+def test_vat_beats_skipping_on_a_small_learnable_task(textures, tmp_path, skip_accuracy):
+    """Virtual adversarial training must add 2 points.
+
+    Measured, eps 4 with entropy minimisation: 0.760 against 0.717, ahead on every seed. Eps 2 with
+    entropy minimisation lost (0.688 against 0.700 on seeds 0 and 1); eps 2 without it gained 4 points.
+    """
+    vat = small_task_accuracy(textures, tmp_path, unlabeled="vat", vat_eps=4.0, entropy_weight=1.0)
+    assert vat > skip_accuracy + 0.02, (vat, skip_accuracy)
 
 
 def test_vat_moves_the_input_by_eps_along_the_direction_that_most_changes_the_prediction():
