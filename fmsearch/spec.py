@@ -324,9 +324,10 @@ def suggest(trial, spec: StudySpec, condition: dict[str, Any], max_epochs: int |
     """The search space's one door: [space] -> trial.suggest_* -> a TrainConfig.
 
     Fixed values and the condition come first; a dimension is suggested only where it applies
-    (e.g. tau only for pseudo-label runs), under the spec's own parameter name.
+    (e.g. tau only for pseudo-label runs), under the spec's own parameter name. The monitor, which
+    picks the best epoch and drives early stopping, is the study's metric unless fixed.
     """
-    params: dict[str, Any] = {**spec.fixed, **condition}
+    params: dict[str, Any] = {"monitor": spec.metric, **spec.fixed, **condition}
     for name in SUGGEST_ORDER:
         dimension = spec.space.get(name)
         if dimension is None or not applies(name, params):

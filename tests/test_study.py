@@ -99,7 +99,7 @@ def test_an_aggressive_pruner_ends_trials_pruned(tmp_path, tiny):
 
 
 def test_early_stopping_ends_complete_with_the_best_epoch_value(tmp_path, tiny):
-    fixed = "optimizer = 'adam'\narch = 'plain'\nmonitor = 'val_accuracy'"
+    fixed = "optimizer = 'adam'\narch = 'plain'"  # the monitor is the study's metric, val_accuracy
     text = study_text(
         trials=2, max_epochs=30, patience=1, fixed=fixed, space="lr = { low = 3e-3, high = 5e-3 }"
     )
