@@ -65,7 +65,7 @@ report: $(STAMP) ## redraw a study's figures and summary.md from the storage: ma
 dashboard: $(STAMP) ## serve optuna-dashboard on 127.0.0.1:8080 (PORT= overrides)
 	$(BIN)/fmsearch dashboard --storage $(STORAGE) --port $(PORT)
 
-bench: data ## fmsearch's loop against a plain DataLoader loop on the same device
+bench: data ## fmsearch's loop against the assignment's loop; JSON in results/bench/ (ARGS="--threads 1,2")
 	$(BIN)/fmsearch bench $(ARGS)
 
 clean: ## remove caches and build files (results stay)

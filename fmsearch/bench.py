@@ -1,44 +1,125 @@
-"""make bench: fmsearch's training epoch against a plain DataLoader loop, same device, same run.
+"""make bench: fmsearch's training epoch against the assignment's own loop, same device, same run.
 
-The baseline is the seed's loop: torchvision's FashionMNIST with ToTensor and Normalize, a
-shuffled DataLoader over the same training pool, a host->device copy and `.item()` per batch.
-Both train the same model with Adam at the same batch size for one epoch per repeat; the runs
-alternate so that drift in the machine hits both. Validation is left out of both timings.
+The reference is the assignment's loop: torchvision's FashionMNIST with ToTensor and Normalize,
+DataLoader(batch_size=64, shuffle=True), a host->device copy and two `.item()` calls per batch (the
+running loss and the correct count, as its `training()` does; its tqdm bar is left out, which only
+flatters the reference). Both train the same model with Adam on the same images (data.split_indices)
+for one epoch per repeat; every repeat runs each contender once, so drift in the machine hits all of
+them. A warm-up run of each keeps allocation and compile time out. Validation is not in the training
+timings: evaluation is timed on its own, against the assignment's evaluation loop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import platform
 import statistics
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Subset
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
 from fmsearch import data, engine
-from fmsearch.models import build_model
+from fmsearch.models import ARCHITECTURES, build_model
+
+OPTIONS = ("amp", "channels_last", "compile")  # TrainConfig switches timed one at a time
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     arch: str = "plain"
     batch_size: int = 64  # the assignment's
-    repeats: int = 3  # epochs timed per contender; the median is reported
+    repeats: int = 3  # timed epochs per contender; the median and the spread are reported
     pool_limit: int | None = None  # images per epoch; None: the whole 50,000-image pool
-    num_workers: int = 0  # the baseline DataLoader's worker processes (the seed used 0)
+    options: tuple[str, ...] = OPTIONS  # fmsearch is also timed with each of these on
+    threads: tuple[int, ...] = ()  # torch CPU thread counts to time every contender at; (): as set now
+    eval_batch_sizes: tuple[int, ...] = (2048, 10_000)  # engine.evaluate batch sizes to time
 
 
 @dataclass
-class BenchResult:
+class Timing:
     name: str
-    images_per_second: list[float]  # one per repeat
+    threads: int
+    flops_per_image: float  # of the work timed: a training step, or a forward pass for evaluation
+    images_per_second: list[float] = field(default_factory=list)  # one per repeat
+    accuracy: float = float("nan")  # train (or evaluation) accuracy of the last repeat, a fraction
+    ratio: float = float("nan")  # median over the reference's median at the same thread count
 
     @property
     def median(self) -> float:
         return statistics.median(self.images_per_second)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the repeats, a fraction."""
+        return (max(self.images_per_second) - min(self.images_per_second)) / self.median
+
+    @property
+    def flops_per_second(self) -> float:
+        """Achieved: FLOPs per image times the median images per second."""
+        return self.flops_per_image * self.median
+
+
+@dataclass
+class BenchReport:
+    device: str
+    torch_version: str
+    config: BenchConfig
+    training: list[Timing]  # the reference first, at each thread count
+    evaluation: list[Timing]
+    flops_per_image: dict[str, dict[str, float]]  # arch -> {"forward", "train_step"}
+    matmul_flops_per_second: dict[int, float]  # threads -> measured float32 matmul rate, a ceiling
+
+    def as_json(self) -> dict:
+        def rows(timings: list[Timing]) -> list[dict]:
+            return [
+                {
+                    **asdict(t),
+                    "median": t.median,
+                    "spread": t.spread,
+                    "flops_per_second": t.flops_per_second,
+                    "share_of_matmul_rate": t.flops_per_second / self.matmul_flops_per_second[t.threads],
+                }
+                for t in timings
+            ]
+
+        return {
+            "device": self.device,
+            "torch": self.torch_version,
+            "config": asdict(self.config),
+            "training": rows(self.training),
+            "evaluation": rows(self.evaluation),
+            "flops_per_image": self.flops_per_image,
+            "matmul_flops_per_second": self.matmul_flops_per_second,
+        }
+
+
+@dataclass
+class Workload:
+    splits: data.Splits  # what fmsearch trains and validates on
+    reference: Subset  # the same pool images, as the assignment's torchvision dataset
+    reference_val: Subset  # the same validation images, likewise
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def _sync(device: torch.device) -> None:
@@ -46,71 +127,176 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def dataloader_epoch(config: BenchConfig, root, pool: torch.Tensor, mean: float, std: float, device) -> float:
-    """One epoch of the plain loop; returns images per second."""
-    dataset = FashionMNIST(
-        str(root),
-        train=True,
-        transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))]),
-    )
-    loader = DataLoader(
-        Subset(dataset, pool.tolist()),
-        batch_size=config.batch_size,
-        shuffle=True,
-        num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    torch.manual_seed(0)
-    model = build_model(config.arch, 0.25).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    _sync(device)
-    started = time.perf_counter()
-    running_loss = 0.0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        running_loss += loss.item()  # as the seed does: a sync per batch
-    _sync(device)
-    return len(pool) / (time.perf_counter() - started)
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def fmsearch_epoch(config: BenchConfig, splits: data.Splits, train: engine.TrainConfig) -> float:
-    """One epoch of engine.fit's training loop (its own timer excludes validation)."""
-    result = engine.fit(replace(train, epochs=1, patience=None), splits)
-    return result.history[0]["images_per_second"]
-
-
-def run(
-    config: BenchConfig, device: torch.device, data_config: data.DataConfig | None = None
-) -> list[BenchResult]:
-    """Time the baseline and fmsearch (and, on CUDA, its bf16/channels_last/compile options)."""
+def load(config: BenchConfig, device: torch.device, data_config: data.DataConfig | None = None) -> Workload:
+    """The pool fmsearch trains on, on the device, and the same images as a torchvision dataset."""
     data_config = replace(data_config or data.DataConfig(), pool_limit=config.pool_limit)
     arrays = data.load(data_config.root, data_config.checksums)
     splits = data.make_splits(arrays, data_config, device)
-    pool = torch.from_numpy(
-        data.split_indices(arrays.train_labels, data_config)[0]
-    )  # the images fit trains on
-    root = data_config.root or data.data_root()
+    pool, val = data.split_indices(arrays.train_labels, data_config)
+    to_tensor = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((splits.mean,), (splits.std,))]
+    )
+    dataset = FashionMNIST(str(data_config.root or data.data_root()), train=True, transform=to_tensor)
+    return Workload(splits, Subset(dataset, pool.tolist()), Subset(dataset, val.tolist()))
 
+
+def assignment_epoch(config: BenchConfig, dataset: Subset, device: torch.device) -> tuple[float, float]:
+    """One epoch of the assignment's training loop; returns (images per second, train accuracy)."""
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True)
+    torch.manual_seed(0)
+    model = build_model(config.arch, 0.25).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    train_loss, correct = 0.0, 0
+    _sync(device)
+    started = time.perf_counter()
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        outputs = model(images)
+        loss = criterion(outputs, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        train_loss += loss.item()  # the assignment's two host syncs per batch
+        correct += (outputs.argmax(dim=1) == labels).sum().item()
+    _sync(device)
+    return len(dataset) / (time.perf_counter() - started), correct / len(dataset)
+
+
+def fmsearch_epoch(splits: data.Splits, train: engine.TrainConfig) -> tuple[float, float]:
+    """One epoch of engine.fit (its own timer leaves validation out); (images per second, train accuracy)."""
+    epoch = engine.fit(replace(train, epochs=1, patience=None), splits).history[0]
+    return epoch["images_per_second"], epoch["train_accuracy"]
+
+
+def assignment_evaluation(arch: str, dataset: Subset, device: torch.device) -> tuple[float, float]:
+    """The assignment's evaluation loop (batch 64, `.item()` per batch); (images per second, accuracy)."""
+    model = build_model(arch, 0.25).to(device).eval()
+    loader = DataLoader(dataset, batch_size=64, shuffle=False)
+    loss_sum, correct = 0.0, 0
+    _sync(device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            outputs = model(images)
+            loss_sum += F.cross_entropy(outputs, labels).item()
+            correct += (outputs.argmax(dim=1) == labels).sum().item()
+    _sync(device)
+    return len(dataset) / (time.perf_counter() - started), correct / len(dataset)
+
+
+def fmsearch_evaluation(arch: str, splits: data.Splits, batch_size: int) -> tuple[float, float]:
+    """engine.evaluate over the validation split at `batch_size`; (images per second, accuracy)."""
+    model = build_model(arch, 0.25).to(splits.val_images.device)
+    _sync(splits.val_images.device)
+    started = time.perf_counter()
+    scored = engine.evaluate(
+        model, splits.val_images, splits.val_labels, splits.normalize, batch_size=batch_size
+    )
+    return len(splits.val_labels) / (time.perf_counter() - started), scored.accuracy
+
+
+def flops_per_image(arch: str, batch: int = 64) -> dict[str, float]:
+    """FLOPs of one image through `arch` (a multiply-add counts 2), by torch's FlopCounterMode.
+
+    'forward' is inference; 'train_step' adds the backward pass. Only convolutions and matrix
+    products are counted: ReLU, pooling and the optimizer add well under 1%.
+    """
+    model = build_model(arch, 0.25)
+    images, labels = torch.zeros(batch, 1, 28, 28), torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as forward:
+        model(images)
+    with FlopCounterMode(display=False) as step:
+        F.cross_entropy(model(images), labels).backward()
+    return {"forward": forward.get_total_flops() / batch, "train_step": step.get_total_flops() / batch}
+
+
+def matmul_flops_per_second(device: torch.device, size: int = 1024, repeats: int = 8) -> float:
+    """Measured float32 matrix-multiply rate: a practical ceiling for this device and thread count."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+Measure = Callable[[], tuple[float, float]]  # -> (images per second, accuracy)
+
+
+def _time(contenders: dict[tuple[str, int, float], Measure], repeats: int) -> list[Timing]:
+    """Warm each contender up once, then run `repeats` rounds of all; the first at each thread
+    count is the reference its ratio is taken against."""
+    timings = {key: Timing(*key) for key in contenders}
+    for round_ in range(repeats + 1):
+        for key, measure in contenders.items():
+            with _threads(key[1]):
+                speed, accuracy = measure()
+            if round_ > 0:
+                timings[key].images_per_second.append(speed)
+                timings[key].accuracy = accuracy
+    references: dict[int, Timing] = {}
+    for timing in timings.values():
+        timing.ratio = timing.median / references.setdefault(timing.threads, timing).median
+    return list(timings.values())
+
+
+def run(config: BenchConfig, device: torch.device, data_config: data.DataConfig | None = None) -> BenchReport:
+    """Time the reference and fmsearch, alone and with each option, at each thread count."""
+    work = load(config, device, data_config)
     base = engine.TrainConfig(arch=config.arch, batch_size=config.batch_size)
-    contenders: dict[str, callable] = {
-        "DataLoader loop": lambda: dataloader_epoch(config, root, pool, splits.mean, splits.std, device),
-        "fmsearch": lambda: fmsearch_epoch(config, splits, base),
-    }
-    if device.type == "cuda":
-        contenders["fmsearch +bf16"] = lambda: fmsearch_epoch(config, splits, replace(base, amp=True))
-        contenders["fmsearch +bf16 +channels_last"] = lambda: fmsearch_epoch(
-            config, splits, replace(base, amp=True, channels_last=True)
+    flops = {arch: flops_per_image(arch) for arch in sorted(ARCHITECTURES)}
+    step, forward = flops[config.arch]["train_step"], flops[config.arch]["forward"]
+    training: dict[tuple[str, int, float], Measure] = {}
+    evaluation: dict[tuple[str, int, float], Measure] = {}
+    thread_counts = config.threads or (torch.get_num_threads(),)
+    for threads in thread_counts:
+        training["assignment loop", threads, step] = lambda: assignment_epoch(config, work.reference, device)
+        training["fmsearch", threads, step] = lambda: fmsearch_epoch(work.splits, base)
+        for option in config.options:
+            variant = replace(base, **{option: True})
+            training[f"fmsearch +{option}", threads, step] = lambda v=variant: fmsearch_epoch(work.splits, v)
+        evaluation["assignment evaluation", threads, forward] = lambda: assignment_evaluation(
+            config.arch, work.reference_val, device
         )
-        contenders["fmsearch +compile"] = lambda: fmsearch_epoch(config, splits, replace(base, compile=True))
-    for measure in contenders.values():  # warm-up: allocator, cuDNN autotune, compile
-        measure()
-    results = {name: BenchResult(name, []) for name in contenders}
-    for _ in range(config.repeats):
-        for name, measure in contenders.items():
-            results[name].images_per_second.append(measure())
-    return list(results.values())
+        for size in config.eval_batch_sizes:
+            evaluation[f"evaluate batch {size}", threads, forward] = lambda s=size: fmsearch_evaluation(
+                config.arch, work.splits, s
+            )
+    matmul = {}
+    for threads in thread_counts:
+        with _threads(threads):
+            matmul[threads] = matmul_flops_per_second(device)
+    return BenchReport(
+        device=str(device),
+        torch_version=torch.__version__,
+        config=config,
+        training=_time(training, config.repeats),
+        evaluation=_time(evaluation, config.repeats),
+        flops_per_image=flops,
+        matmul_flops_per_second=matmul,
+    )
+
+
+def save(record: dict, folder: Path, stem: str) -> Path:
+    """Write `record` as folder/STEM.json atomically (a temporary file, then a rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.json"
+    partial = folder / f".{stem}.json.partial"
+    partial.write_text(json.dumps(record, indent=1))
+    os.replace(partial, path)
+    return path

@@ -104,6 +104,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_ints(text: str) -> tuple[int, ...]:
+    return tuple(_positive_int(part) for part in text.split(","))
+
+
+def _options(text: str) -> tuple[str, ...]:
+    from fmsearch.bench import OPTIONS
+
+    chosen = () if text == "none" else tuple(text.split(","))
+    unknown = [option for option in chosen if option not in OPTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown option {unknown[0]!r}: choose from {','.join(OPTIONS)} or none"
+        )
+    return chosen
+
+
 def _load_splits(device_name: str | None, pool_limit: int | None = None):
     from fmsearch import data, engine
 
@@ -297,8 +313,19 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     )
 
 
+def _print_timings(title: str, timings, reference: str) -> None:
+    print(f"{title}: images/s, median of the repeats; spread (max - min) / median; x: against {reference}")
+    header = ("threads", "contender", "median", "spread", "x", "accuracy", "GFLOP/s")
+    print("  {:>7}  {:<24} {:>8} {:>6} {:>6} {:>8} {:>8}".format(*header))
+    for t in timings:
+        print(
+            f"  {t.threads:>7}  {t.name:<24} {t.median:8.0f} {t.spread:6.1%} {t.ratio:6.2f} "
+            f"{t.accuracy:8.4f} {t.flops_per_second / 1e9:8.2f}"
+        )
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
-    import platform
+    import time
 
     import torch
 
@@ -306,32 +333,36 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     device = engine.resolve_device(args.device)
     config = bench.BenchConfig(
-        arch=args.arch, batch_size=args.batch_size, repeats=args.repeats, pool_limit=args.pool_limit
+        arch=args.arch,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        pool_limit=args.pool_limit,
+        options=args.options,
+        threads=args.threads,
+        eval_batch_sizes=args.eval_batch_sizes,
     )
     print(f"data: {_ensure_data()}")
     print(
-        f"bench: {config.arch} CNN, batch {config.batch_size}, "
-        f"{config.repeats} timed epochs each after a warm-up, "
-        f"on {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-        f"torch {torch.__version__}"
+        f"bench: {config.arch} CNN, batch {config.batch_size}, {config.repeats} timed epochs per contender "
+        f"after a warm-up, on {device} ({bench.cpu_name()}), torch {torch.__version__}"
     )
-    results = bench.run(config, device)
-    baseline = results[0].median
-    for result in results:
-        spread = ", ".join(f"{v:.0f}" for v in result.images_per_second)
+    report = bench.run(config, device)
+    _print_timings("training", report.training, "the assignment's loop")
+    _print_timings("evaluation", report.evaluation, "the assignment's evaluation loop")
+    for arch, flops in report.flops_per_image.items():
         print(
-            f"  {result.name:<32} median {result.median:9.0f} images/s  ({spread})  "
-            f"x{result.median / baseline:.2f} the DataLoader loop"
+            f"{arch} CNN: {flops['forward'] / 1e6:.2f} MFLOP per image forward, "
+            f"{flops['train_step'] / 1e6:.2f} MFLOP per training step"
         )
-    record = {
-        "device": str(device),
-        "torch": torch.__version__,
-        "config": vars(config),
-        "images_per_second": {r.name: r.images_per_second for r in results},
-        "ratio": {r.name: r.median / baseline for r in results},
-    }
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "bench.json").write_text(json.dumps(record, indent=1))
+    for threads, rate in report.matmul_flops_per_second.items():
+        best = max(t.flops_per_second for t in report.training if t.threads == threads)
+        print(
+            f"float32 matmul on {threads} threads: {rate / 1e9:.1f} GFLOP/s; "
+            f"the fastest training contender reaches {best / rate:.1%} of it"
+        )
+    record = {**report.as_json(), "cpu": bench.cpu_name(), "command": " ".join(sys.argv)}
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.arch}-{device.type}"
+    print(f"wrote {bench.save(record, RESULTS_DIR / 'bench', stem)}")
 
 
 def _ensure_data() -> str:
@@ -378,6 +409,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fmsearch.bench import OPTIONS
+    from fmsearch.models import ARCHITECTURES
+
     parser = Parser(
         prog="fmsearch",
         description="Hyperparameter-search studies of small CNNs on Fashion-MNIST, full- and semi-label.",
@@ -408,13 +442,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("bench", help="time fmsearch's training loop against a plain DataLoader loop")
+    p = sub.add_parser("bench", help="time fmsearch's training loop against the assignment's loop")
     p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-    p.add_argument("--arch", default="plain", help="architecture (default plain)")
+    p.add_argument(
+        "--arch", default="plain", choices=sorted(ARCHITECTURES), help="architecture (default plain)"
+    )
     p.add_argument("--batch-size", type=_positive_int, default=64, help="(default 64)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed epochs per contender (default 3)")
     p.add_argument(
         "--pool-limit", type=_positive_int, help="images per epoch (default: the 50,000-image pool)"
+    )
+    p.add_argument(
+        "--options",
+        type=_options,
+        default=OPTIONS,
+        help=f"fmsearch is also timed with each of these on: comma-separated, or none "
+        f"(default {','.join(OPTIONS)})",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_ints,
+        default=(),
+        help="torch thread counts to time every contender at, e.g. 1,2 (default: torch's current count)",
+    )
+    p.add_argument(
+        "--eval-batch-sizes",
+        type=_positive_ints,
+        default=(2048, 10_000),
+        help="engine.evaluate batch sizes to time (default 2048,10000)",
     )
     p.set_defaults(func=cmd_bench)
 
