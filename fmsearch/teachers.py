@@ -123,7 +123,7 @@ def _train_or_load(
             "config": asdict(teacher),
             "state": f"{name}.pt",
         }
-        torch.save(result.best_state, folder / f"{name}.pt")
+        _atomic_save(result.best_state, folder / f"{name}.pt")
         _atomic_save(logits.cpu(), logits_path)
         partial = record_path.with_suffix(".json.partial")
         partial.write_text(json.dumps(record, indent=1))
