@@ -90,7 +90,9 @@ class TrainConfig:
         1.0, "distill: softmax temperature of the targets", low=0.0, low_open=True, objectives=("distill",)
     )
     tta: bool = param(
-        True, "distill: average each teacher over the image and its mirror", objectives=("distill",)
+        True,
+        "distill: average each flip-trained teacher over the image and its mirror",
+        objectives=("distill",),
     )
     align: bool = param(
         True, "distill: rescale the targets to the pool's even class mix", objectives=("distill",)

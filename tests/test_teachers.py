@@ -58,3 +58,14 @@ def test_teacher_zero_is_the_labels_only_control_of_the_same_seed(tiny_splits):
     assert teacher.seed == 2 and teacher.unlabeled == "skip" and teacher.schedule == "cosine"
     assert teacher.augment and not teachers.recipe(replace(CONFIG, arch="adaptive"), 0).augment
     assert teachers.recipe(CONFIG, 3).seed == CONFIG.seed + 3 * teachers.SEED_STRIDE
+
+
+def test_the_mirror_is_averaged_in_only_for_teachers_that_trained_on_flips(tiny_splits, tmp_path):
+    plain = replace(CONFIG, arch="plain")  # the plain recipe augments with flips
+    adaptive = replace(CONFIG, arch="adaptive")  # the adaptive recipe does not
+    with_mirror, _ = build(tiny_splits, tmp_path, plain)
+    without, _ = build(tiny_splits, tmp_path, replace(plain, tta=False))
+    assert not torch.equal(with_mirror.probs, without.probs)
+    with_mirror, _ = build(tiny_splits, tmp_path, adaptive)
+    without, _ = build(tiny_splits, tmp_path, replace(adaptive, tta=False))
+    assert torch.equal(with_mirror.probs, without.probs)
