@@ -7,6 +7,7 @@ its own Optuna study) and which are searched. Every key is checked before anythi
 from __future__ import annotations
 
 import itertools
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -63,6 +64,10 @@ TOP_LEVEL = {
     "conditions",
     "space",
 }
+
+
+# A study's name is its file's stem; it names folders under results/, so it cannot climb out of them.
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class SpecError(ValueError):
@@ -238,6 +243,11 @@ def _positive_int(path: Path, raw: dict, key: str, default: int | None) -> int |
 def parse(path: Path, text: str | None = None) -> StudySpec:
     """Read and validate a study file; raises SpecError with a one-line message."""
     path = Path(path)
+    if not STUDY_NAME.fullmatch(path.stem):
+        raise SpecError(
+            f"{path}: {path.stem!r} is not a study name (it names the folder under results/): "
+            "name the file like semi.toml, with letters, digits, '-', '_' or '.', not starting with '.'"
+        )
     try:
         text = path.read_text() if text is None else text
     except OSError as error:
