@@ -209,7 +209,6 @@ def _root_message(error: BaseException) -> str:
     return " ".join(lines[:2]) if lines else type(seen).__name__
 
 
-UNREACHABLE = ("is unreachable", "start the database server or fix the host and port, then rerun")
 # (pattern in the driver's message, what it means, what to do), first match wins
 _FAULTS = (
     (r"readonly database|read-only", "is read-only", "make the file and its folder writable, or use another"),
@@ -232,16 +231,12 @@ _FAULTS = (
         "did not answer within the connect timeout",
         "check the host, port and firewall, then rerun",
     ),
-    (
-        r"terminating connection|server closed the connection|connection.*(lost|closed|reset)|"
-        r"consuming input failed|ssl syscall|shutting down|admin_shutdown",
-        "went away mid-study",
-        "rerun when it is back (the interrupted trial is then retried)",
-    ),
-    (
-        r"connection refused|could not connect|connection failed|no route|name or service not known",
-        *UNREACHABLE,
-    ),
+)
+# A lost or refused connection: unreachable when opening the storage, gone when it was in use.
+_CONNECTION = (
+    r"terminating connection|server closed the connection|connection.*(lost|closed|reset|refused)|"
+    r"consuming input failed|ssl syscall|shutting down|could not connect|connection failed|no route|"
+    r"name or service not known"
 )
 
 
@@ -251,10 +246,14 @@ def fault_message(error: BaseException, url: str, starting: bool = False) -> str
     `starting`: the storage was being opened, so a dropped connection means it is unreachable.
     """
     detail = scrub(_root_message(error), url)
-    for pattern, meaning, fix in _FAULTS:
+    faults = [
+        *_FAULTS,
+        (_CONNECTION, "is unreachable", "start the database server or fix the host and port, then rerun")
+        if starting
+        else (_CONNECTION, "went away mid-study", "rerun when it is back (the interrupted trial is retried)"),
+    ]
+    for pattern, meaning, fix in faults:
         if re.search(pattern, detail, flags=re.IGNORECASE):
-            if starting and meaning == "went away mid-study":
-                meaning, fix = UNREACHABLE
             return f"storage {mask(url)} {meaning} ({detail}): {fix}; finished trials stay in it"
     return f"storage {mask(url)} failed ({detail}): check it, then rerun; finished trials stay in it"
 

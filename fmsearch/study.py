@@ -615,10 +615,9 @@ def _worker(spec, options, worker, reporter_factory, errors) -> None:
 
 def _run_workers(spec: StudySpec, options: RunOptions, reporter_factory: Callable[[int], Reporter]) -> None:
     context = multiprocessing.get_context("spawn")
-    lock = context.Lock()
     errors = context.SimpleQueue()
     workers = [
-        context.Process(target=_worker, args=(spec, options, i, lock, reporter_factory, errors), daemon=True)
+        context.Process(target=_worker, args=(spec, options, i, reporter_factory, errors), daemon=True)
         for i in range(options.jobs)
     ]
     for process in workers:
