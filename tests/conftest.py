@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import os
 import pwd
+import re
 import shutil
 import socket
 import struct
@@ -343,3 +344,13 @@ def postgres_server():
 def postgres_url(postgres_server) -> str:
     """A fresh database on the session's PostgreSQL server, password in the URL."""
     return postgres_server.create_database()
+
+
+def messages(stderr: str) -> list[str]:
+    """The lines a command printed to stderr, without its tqdm progress bars."""
+    plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)  # tqdm's cursor movements
+    return [
+        line.strip()
+        for line in re.split(r"[\r\n]", plain)
+        if line.strip() and not re.search(r"\d+%\||batch/s|\bbatch\]", line)
+    ]
