@@ -78,7 +78,8 @@ def is_archived(study_name: str) -> bool:
 def mask(url: str) -> str:
     """The URL with its password replaced by ***, for every line a user or a log may see."""
     try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
+        parsed = sa.engine.make_url(url)
+        return url if parsed.password is None else parsed.render_as_string(hide_password=True)
     except Exception:  # not parseable by SQLAlchemy: hide anything between "user:" and "@"
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 

@@ -300,8 +300,9 @@ def prepare(spec: StudySpec, options: RunOptions, archive_changed: bool = False)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     conditions = [(spec.study_name(c), c, fingerprint(spec, c, options)) for c in spec.condition_list()]
     changed = {}
+    existing = set(optuna.get_all_study_names(storage=rdb))
     for name, _, new in conditions:
-        if name not in optuna.get_all_study_names(storage=rdb):
+        if name not in existing:
             continue
         study = optuna.load_study(study_name=name, storage=rdb)
         if not study.get_trials(deepcopy=False):
