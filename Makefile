@@ -9,26 +9,33 @@ JOBS ?= 1
 EPOCHS ?=
 DEVICE ?=
 PORT ?= 8080
-STORAGE ?= sqlite:///results/studies.db
+STORAGE ?=
 ARGS ?=
 
+# The storage URL reaches fmsearch through its environment, never its command line: a password in
+# it stays out of make's echo of each command and out of `ps`.
+ifneq ($(STORAGE),)
+export FMSEARCH_STORAGE := $(STORAGE)
+endif
+
 study_flags = $(if $(TRIALS),--trials $(TRIALS)) --jobs $(JOBS) $(if $(EPOCHS),--epochs $(EPOCHS)) \
-	$(if $(DEVICE),--device $(DEVICE)) --storage $(STORAGE)
+	$(if $(DEVICE),--device $(DEVICE))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data test lint format train study report dashboard bench browser clean distclean
+.PHONY: help setup data test lint format train study report dashboard bench browser postgres clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: STUDY=$(STUDY) TRIALS= JOBS=$(JOBS) EPOCHS= DEVICE= PORT=$(PORT) STORAGE=$(STORAGE) ARGS="
+	@echo "  variables: STUDY=$(STUDY) TRIALS= JOBS=$(JOBS) EPOCHS= DEVICE= PORT=$(PORT) ARGS="
+	@echo "             STORAGE= (default: \$$FMSEARCH_STORAGE, else sqlite:///results/studies.db)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,postgres]'
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install fmsearch with its dev tools
+setup: $(STAMP) ## create .venv and install fmsearch with its dev tools and PostgreSQL driver
 
 data: $(STAMP) ## find, fetch and verify Fashion-MNIST (local files, Debian's package, then download)
 	$(BIN)/fmsearch data
@@ -41,7 +48,15 @@ browser: ## install Debian's chromium for the dashboard browser test (when apt i
 		echo "chromium could not be installed: the browser test will be skipped"; \
 	fi
 
-test: data browser ## run the test suite
+postgres: ## install Debian's PostgreSQL server for the multi-machine tests (when apt is there and we are root)
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing postgresql for the storage tests"; \
+		(apt-get install -y -q postgresql >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q postgresql >/dev/null 2>&1)) || \
+		echo "postgresql could not be installed: the PostgreSQL tests will be skipped"; \
+	fi
+
+test: data browser postgres ## run the test suite
 	$(BIN)/pytest -q
 
 lint: $(STAMP) ## ruff check and format check
@@ -57,13 +72,13 @@ train: data ## train one configuration: make train ARGS="--arch adaptive --epoch
 
 study: data ## run or resume a study, then report: make study STUDY=semi [TRIALS=] [JOBS=]
 	$(BIN)/fmsearch study $(STUDY) $(study_flags)
-	$(BIN)/fmsearch report $(STUDY) --storage $(STORAGE)
+	$(BIN)/fmsearch report $(STUDY)
 
 report: $(STAMP) ## redraw a study's figures and summary.md from the storage: make report STUDY=semi
-	$(BIN)/fmsearch report $(STUDY) --storage $(STORAGE)
+	$(BIN)/fmsearch report $(STUDY)
 
 dashboard: $(STAMP) ## serve optuna-dashboard on 127.0.0.1:8080 (PORT= overrides)
-	$(BIN)/fmsearch dashboard --storage $(STORAGE) --port $(PORT)
+	$(BIN)/fmsearch dashboard --port $(PORT)
 
 bench: data ## fmsearch's loop against the assignment's loop; JSON in results/bench/ (ARGS="--threads 1,2")
 	$(BIN)/fmsearch bench $(ARGS)

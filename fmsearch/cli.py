@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import re
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from fmsearch import storage
+
 STUDIES_DIR = Path("studies")
 RESULTS_DIR = Path("results")
 DEFAULT_STORAGE = f"sqlite:///{RESULTS_DIR}/studies.db"
+STORAGE_HELP = f"Optuna storage URL (default ${storage.ENV_URL}, else {storage.DEFAULT_URL})"
+OS_FAULTS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+REPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(@archived-[0-9]{8}T[0-9]{6}Z)?")
 
 
 class Parser(argparse.ArgumentParser):
@@ -118,6 +125,40 @@ def _options(text: str) -> tuple[str, ...]:
             f"unknown option {unknown[0]!r}: choose from {','.join(OPTIONS)} or none"
         )
     return chosen
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A device name torch can parse (cpu, cuda, cuda:1, mps); whether it exists is checked later."""
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda, cuda:N or mps") from None
+    return text
+
+
+def _storage_url(text: str) -> str:
+    try:
+        return storage.check_url(text)
+    except storage.StorageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _report_name(text: str) -> str:
+    if not REPORT_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a study name (it names a folder under results/): e.g. semi, "
+            "or semi@archived-20250101T000000Z"
+        )
+    return text
 
 
 def _load_splits(device_name: str | None, pool_limit: int | None = None):
@@ -235,35 +276,35 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=1))
-    partial.replace(path)
+    storage.write_bytes_atomic(path, json.dumps(record, indent=1).encode())
 
 
 def cmd_study(args: argparse.Namespace) -> None:
     from fmsearch import engine, spec, study
 
     study_spec = spec.parse(spec.find(args.name, STUDIES_DIR))
+    study_spec = replace(  # the command line's overrides, folded in once
+        study_spec, trials=args.trials or study_spec.trials, max_epochs=args.epochs or study_spec.max_epochs
+    )
     options = study.RunOptions(
         storage=args.storage,
-        trials=args.trials,
         jobs=args.jobs,
-        device=args.device,
-        epochs=args.epochs,
+        device=str(engine.resolve_device(args.device)),
         results_dir=RESULTS_DIR,
         heartbeat_interval=args.heartbeat,
         grace_period=4 * args.heartbeat,
     )
     study.quiet_optuna()
-    device = engine.resolve_device(args.device)
+    prepared = study.prepare(study_spec, options, archive_changed=args.archive_changed)
+    for old, new in prepared.archived.items():
+        print(f"archived {old} as {new} (its trials are kept; `fmsearch report {new.split('/')[0]}`)")
     print(f"data: {_ensure_data()}")
-    splits = study.load_splits(study_spec, options, device)
-    plan = study.plan(study_spec, options, splits)
+    splits = study.load_splits(study_spec, options)
+    plan = study.plan(study_spec, splits)
     print(f"study {study_spec.name}: {study_spec.description}")
-    print(f"storage {options.storage}; watch it live with `make dashboard`")
+    print(f"storage {storage.mask(options.storage)}; watch it live with `make dashboard`")
     print(
-        f"cost: at most {len(plan.study_names)} conditions x {plan.trials} trials x {plan.max_epochs} epochs "
+        f"cost: at most {plan.conditions} conditions x {plan.trials} trials x {plan.max_epochs} epochs "
         f"x {plan.epoch_seconds:.1f} s/epoch on {plan.device} = {_duration(plan.max_seconds)} "
         f"(pruning and early stopping cut this); smaller: --trials, --epochs, or STUDY=smoke"
     )
@@ -285,31 +326,25 @@ def cmd_report(args: argparse.Namespace) -> None:
     from fmsearch import report, study
 
     study.quiet_optuna()
-    storage = study.open_storage(args.storage)
-    summary, images = report.write_report(
-        storage, args.name, RESULTS_DIR, artifact_dir=RESULTS_DIR / "artifacts"
-    )
-    print(f"wrote {summary} and {', '.join(p.name for p in images)}; uploaded to the dashboard's artifacts")
+    rdb = storage.open_storage(args.storage)
+    summary, images = report.write_report(rdb, args.name, RESULTS_DIR, storage.DatabaseArtifactStore(rdb))
+    print(f"wrote {summary} and {', '.join(p.name for p in images)}; the dashboard shows them too")
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
     import optuna_dashboard
-    from optuna.artifacts import FileSystemArtifactStore
 
     from fmsearch import study
 
     study.quiet_optuna()
-    storage = study.open_storage(args.storage)
-    (RESULTS_DIR / "artifacts").mkdir(parents=True, exist_ok=True)
+    rdb = storage.open_storage(args.storage)
     print(
-        f"optuna-dashboard on http://{args.host}:{args.port}/ for {args.storage} (Ctrl-C stops it)",
+        f"optuna-dashboard on http://{args.host}:{args.port}/ for {storage.mask(args.storage)} "
+        "(Ctrl-C stops it)",
         flush=True,
     )
     optuna_dashboard.run_server(
-        storage,
-        host=args.host,
-        port=args.port,
-        artifact_store=FileSystemArtifactStore(RESULTS_DIR / "artifacts"),
+        rdb, host=args.host, port=args.port, artifact_store=storage.DatabaseArtifactStore(rdb)
     )
 
 
@@ -423,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one configuration and score it on the test set")
     add_train_arguments(p)
-    p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    p.add_argument("--device", type=_device, help="cpu, cuda or mps (default: the best available)")
     p.add_argument("--pool-limit", type=_positive_int, help="use only this many training-pool images")
     p.add_argument("--json", help="also write the history and test result to this file")
     p.set_defaults(func=cmd_train)
@@ -432,13 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="a study file's name under studies/, e.g. semi, or a path to one")
     p.add_argument("--trials", type=_positive_int, help="finished trials per condition (default: the file's)")
     p.add_argument("--jobs", type=_positive_int, default=1, help="worker processes (default 1)")
-    p.add_argument(
-        "--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})"
-    )
-    p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    p.add_argument("--storage", type=_storage_url, default=storage.default_url(), help=STORAGE_HELP)
+    p.add_argument("--device", type=_device, help="cpu, cuda or mps (default: the best available)")
     p.add_argument("--epochs", type=_positive_int, help="max epochs per trial (default: the file's)")
     p.add_argument(
         "--heartbeat", type=_positive_int, default=5, help="seconds between trial heartbeats (default 5)"
+    )
+    p.add_argument(
+        "--archive-changed",
+        action="store_true",
+        help="where the study file changed since a condition's trials ran, keep them under "
+        "NAME@archived-<time> and start that condition afresh (default: refuse)",
     )
     p.set_defaults(func=cmd_study)
 
@@ -474,18 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="draw a study's figures and summary.md from the storage")
-    p.add_argument("name", help="the study's name, e.g. semi")
-    p.add_argument(
-        "--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})"
-    )
+    p.add_argument("name", type=_report_name, help="the study's name, e.g. semi")
+    p.add_argument("--storage", type=_storage_url, default=storage.default_url(), help=STORAGE_HELP)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage")
-    p.add_argument(
-        "--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})"
-    )
+    p.add_argument("--storage", type=_storage_url, default=storage.default_url(), help=STORAGE_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     p.set_defaults(func=cmd_dashboard)
     return parser
 
@@ -495,16 +530,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from fmsearch.errors import FmsearchError
 
+    url = getattr(args, "storage", storage.default_url())
     try:
         args.func(args)
     except (
         FmsearchError
     ) as error:  # a user's mistake: one line; anything else is a bug and keeps its traceback
-        print(f"fmsearch {args.command}: error: {error}", file=sys.stderr)
+        print(f"fmsearch {args.command}: error: {storage.scrub(str(error), url)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fmsearch {args.command}: interrupted", file=sys.stderr)
+        print(
+            f"fmsearch {args.command}: interrupted; running trials were marked FAIL (they do not count): "
+            "rerun to resume",
+            file=sys.stderr,
+        )
         return 130
+    except OSError as error:
+        if error.filename is None or error.errno not in OS_FAULTS:
+            raise
+        print(
+            f"fmsearch {args.command}: error: cannot write {error.filename} ({error.strerror}): "
+            "free disk space or fix its permissions, then rerun; finished trials are kept",
+            file=sys.stderr,
+        )
+        return 1
+    except Exception as error:
+        if not storage.is_fault(error):
+            raise  # a bug keeps its traceback
+        print(f"fmsearch {args.command}: error: {storage.fault_message(error, url)}", file=sys.stderr)
+        return 1
     return 0
 
 

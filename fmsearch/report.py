@@ -1,11 +1,13 @@
 """Figures and summary.md for a study, drawn from the Optuna storage alone (no retraining).
 
-Writes results/<study>/{curves,fraction,search,importance,confusion}.png and summary.md, uploads
-the PNGs as study artifacts and saves summary.md as each condition's dashboard note.
+Writes results/<study>/{curves,fraction,search,importance,confusion}.png and summary.md, each
+atomically, uploads each PNG as a study artifact once per content and saves summary.md as each
+condition's dashboard note.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import warnings
@@ -24,6 +26,7 @@ import seaborn as sns  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from fmsearch.errors import FmsearchError  # noqa: E402
+from fmsearch.storage import DIVERGED, Attr, is_finished, write_atomic  # noqa: E402
 
 DPI = 160
 CURVE_PANELS = (
@@ -65,8 +68,8 @@ def load_conditions(storage, name: str) -> list[Condition]:
     conditions = []
     for study_name in mine:
         study = optuna.load_study(study_name=study_name, storage=storage)
-        condition = study.user_attrs.get("condition", {})
-        fixed = study.user_attrs.get("fixed", {})
+        condition = study.user_attrs.get(Attr.CONDITION, {})
+        fixed = study.user_attrs.get(Attr.FIXED, {})
         fraction = condition.get("labeled_fraction", fixed.get("labeled_fraction", 1.0))
         trials = study.get_trials(deepcopy=False)
         conditions.append(
@@ -75,8 +78,8 @@ def load_conditions(storage, name: str) -> list[Condition]:
                 label=study_name.split("/", 1)[1] if "/" in study_name else study_name,
                 labeled_fraction=fraction,
                 trials=trials,
-                test=study.user_attrs.get("test"),
-                finished=[t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)],
+                test=study.user_attrs.get(Attr.TEST),
+                finished=[t for t in trials if is_finished(t)],
             )
         )
     conditions.sort(key=lambda c: (-c.labeled_fraction, c.label))
@@ -91,8 +94,8 @@ def _history_frame(conditions: list[Condition]) -> pd.DataFrame:
     for c in conditions:
         best = c.best
         for t in c.finished:
-            for h in t.user_attrs.get("history", []):
-                config = t.user_attrs.get("config", {})
+            for h in t.user_attrs.get(Attr.HISTORY, []):
+                config = t.user_attrs.get(Attr.CONFIG, {})
                 rows.append(
                     {
                         **h,
@@ -107,8 +110,15 @@ def _history_frame(conditions: list[Condition]) -> pd.DataFrame:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda partial: fig.savefig(partial, format="png", dpi=DPI, bbox_inches="tight"))
+    except OSError as error:
+        raise ReportError(
+            f"cannot write {path} ({error.strerror}): free disk space or fix its permissions, then rerun "
+            "`fmsearch report`; the storage is untouched"
+        ) from None
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -160,10 +170,10 @@ def plot_curves(conditions: list[Condition], out: Path) -> Path:
 def _trial_frame(conditions: list[Condition]) -> pd.DataFrame:
     rows = []
     for c in conditions:
-        for t in c.trials:
-            if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        for t in c.finished:
+            if t.value is None:  # diverged: no value to place
                 continue
-            config = t.user_attrs.get("config", {})
+            config = t.user_attrs.get(Attr.CONFIG, {})
             unlabeled = config.get("unlabeled", "skip") if c.labeled_fraction < 1 else "none (full labels)"
             rows.append(
                 {
@@ -439,21 +449,20 @@ def summary_markdown(name: str, conditions: list[Condition], images: list[Path],
             s: sum(t.state == s for t in c.trials)
             for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
         }
-        max_epochs = c.study.user_attrs.get("max_epochs", 0)
-        finished = [t for t in c.trials if t.state != TrialState.RUNNING]
-        spent, bound = _epochs_spent(c), len(finished) * max_epochs
-        seconds = sum(t.user_attrs.get("seconds", 0.0) for t in c.trials)
+        max_epochs = c.study.user_attrs.get(Attr.MAX_EPOCHS, 0)
+        spent, bound = _epochs_spent(c), len(c.finished) * max_epochs
+        seconds = sum(t.user_attrs.get(Attr.SECONDS, 0.0) for t in c.trials)
         lines += [f"## {c.study.study_name}", ""]
         best = c.best
         if best is None:
-            lines += ["No complete trial yet.", ""]
+            lines += [_no_best(c), ""]
             continue
         lines += ["| | |", "|---|---|"]
         for key, value in best.params.items():
             lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
         lines += [
             f"| validation accuracy | {best.value:.4f} "
-            f"(trial #{best.number}, epoch {best.user_attrs.get('best_epoch')}) |",
+            f"(trial #{best.number}, epoch {best.user_attrs.get(Attr.BEST_EPOCH)}) |",
             f"| test accuracy | {c.test['test_accuracy']:.4f} |"
             if c.test
             else "| test accuracy | not scored yet |",
@@ -472,6 +481,16 @@ def summary_markdown(name: str, conditions: list[Condition], images: list[Path],
     return "\n".join(lines) + "\n"
 
 
+def _no_best(c: Condition) -> str:
+    diverged = sum(t.user_attrs.get(Attr.STOP_REASON) == DIVERGED for t in c.finished)
+    if c.finished and diverged == len(c.finished):
+        return (
+            f"All {diverged} finished trials diverged (the loss became NaN or inf): lower the top of the "
+            "lr range in the study file, and run it under a new name (these trials stay as they are)."
+        )
+    return "No complete trial yet."
+
+
 def _edge_warnings(c: Condition) -> str:
     """The tuning playbook's check: a best value on the edge of a numeric search range."""
     best = c.best
@@ -486,18 +505,22 @@ def _edge_warnings(c: Condition) -> str:
     return "; ".join(notes)
 
 
-def write_report(
-    storage, name: str, results_dir: Path, artifact_dir: Path | None = None
-) -> tuple[Path, list[Path]]:
+def write_report(storage, name: str, results_dir: Path, artifact_store=None) -> tuple[Path, list[Path]]:
     """Draw every figure that the data supports, write summary.md; returns (summary path, images).
 
-    With `artifact_dir`, the images are uploaded as artifacts of each condition's study and
+    With `artifact_store`, the images are uploaded as artifacts of each condition's study and
     summary.md becomes each study's dashboard note.
     """
     sns.set_theme(context="notebook", style="whitegrid")
     conditions = load_conditions(storage, name)
     if not any(c.finished for c in conditions):
         raise ReportError(f"study {name!r} has no finished trial yet: run `make study STUDY={name}` first")
+    if not any(t.value is not None for c in conditions for t in c.finished):
+        total = sum(len(c.finished) for c in conditions)
+        raise ReportError(
+            f"study {name!r}: all {total} finished trials diverged (the loss became NaN or inf), so there "
+            "is nothing to draw; lower the top of the lr range in the study file and run it under a new name"
+        )
     out = Path(results_dir) / name
     out.mkdir(parents=True, exist_ok=True)
     images = [plot_curves(conditions, out)]
@@ -511,22 +534,31 @@ def write_report(
         )
         if p
     ]
-    description = conditions[0].study.user_attrs.get("description", "")
+    description = conditions[0].study.user_attrs.get(Attr.DESCRIPTION, "")
     summary = out / "summary.md"
-    summary.write_text(summary_markdown(name, conditions, images, description))
-    if artifact_dir is not None:
-        publish(conditions, images, summary, artifact_dir)
+    text = summary_markdown(name, conditions, images, description)
+    try:
+        write_atomic(summary, lambda partial: partial.write_text(text))
+    except OSError as error:
+        raise ReportError(
+            f"cannot write {summary} ({error.strerror}): free disk space or fix its permissions, then rerun "
+            "`fmsearch report`; the storage is untouched"
+        ) from None
+    if artifact_store is not None:
+        publish(conditions, images, text, artifact_store)
     return summary, images
 
 
-def publish(conditions: list[Condition], images: list[Path], summary: Path, artifact_dir: Path) -> None:
-    """Upload the images as study artifacts and save summary.md as each study's dashboard note."""
-    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+def publish(conditions: list[Condition], images: list[Path], summary: str, artifact_store) -> None:
+    """Upload each image as a study artifact once per content; save summary.md as each study's note.
+
+    A figure whose content changed replaces its artifact's body in place, so the dashboard shows
+    one curves.png per study however often the report runs.
+    """
+    from optuna.artifacts import get_all_artifact_meta, upload_artifact
     from optuna_dashboard import save_note
 
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(artifact_dir)
-    kept = [line for line in summary.read_text().splitlines() if not line.startswith("![")]
+    kept = [line for line in summary.splitlines() if not line.startswith("![")]
     note = (
         "\n".join(kept)
         + "\nFigures: "
@@ -535,7 +567,15 @@ def publish(conditions: list[Condition], images: list[Path], summary: Path, arti
     )
     for c in conditions:
         save_note(c.study, note)
+        uploaded = {meta.filename: meta.artifact_id for meta in get_all_artifact_meta(c.study)}
         for image in images:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                upload_artifact(artifact_store=store, file_path=str(image), study_or_trial=c.study)
+            body = image.read_bytes()
+            artifact_id = uploaded.get(image.name)
+            if artifact_id is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    upload_artifact(
+                        artifact_store=artifact_store, file_path=str(image), study_or_trial=c.study
+                    )
+            elif artifact_store.open_reader(artifact_id).read() != body:
+                artifact_store.write(artifact_id, io.BytesIO(body))

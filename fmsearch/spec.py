@@ -7,6 +7,7 @@ its own Optuna study) and which are searched. Every key is checked before anythi
 from __future__ import annotations
 
 import itertools
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ TOP_LEVEL = {
     "conditions",
     "space",
 }
+
+
+# A study's name is its file's stem; it names folders under results/, so it cannot climb out of them.
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class SpecError(FmsearchError):
@@ -289,6 +294,11 @@ def _check_something_is_searched(spec: StudySpec) -> None:
 def parse(path: Path, text: str | None = None) -> StudySpec:
     """Read and validate a study file; raises SpecError with a one-line message."""
     path = Path(path)
+    if not STUDY_NAME.fullmatch(path.stem):
+        raise SpecError(
+            f"{path}: {path.stem!r} is not a study name (it names the folder under results/): "
+            "name the file like semi.toml, with letters, digits, '-', '_' or '.', not starting with '.'"
+        )
     raw = _read(path) if text is None else _toml(path, text)
     for key in raw:
         if key not in TOP_LEVEL:

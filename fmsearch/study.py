@@ -1,4 +1,4 @@
-"""Optuna glue: storage, one study per condition, the objective, workers, and the test evaluation.
+"""Optuna glue: one study per condition, its fingerprint, the objective, workers, the test evaluation.
 
 The whole integration is in `Objective.__call__`: suggest a config through spec.suggest, hand
 engine.fit an epoch hook that reports validation accuracy and asks the pruner, record what
@@ -8,44 +8,61 @@ happened as user attributes, and return the best epoch's value.
 from __future__ import annotations
 
 import ctypes
+import errno
+import io
+import json
 import multiprocessing
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
-import threading
+import tempfile
 import time
+import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import optuna
 import torch
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.artifacts import get_all_artifact_meta, upload_artifact
+from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 from sklearn.metrics import confusion_matrix
 
-from fmsearch import data, engine, teachers
+from fmsearch import data, engine, storage, teachers
 from fmsearch.errors import FmsearchError
 from fmsearch.models import build_model
 from fmsearch.spec import StudySpec, is_semi, suggest
+from fmsearch.storage import CRASHED, DIVERGED, Attr, StorageError, is_finished
+
+MAX_CONSECUTIVE_CRASHES = 3  # a worker stops after this many trials in a row raised an error
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
 
 
 class StudyError(FmsearchError):
-    """A study cannot run as asked (bad storage URL, ...); the message says how to fix it."""
+    """A study cannot run as asked (a changed study file, crashing trials, ...); the message says the fix."""
+
+
+class StudyChanged(StudyError):
+    """A condition's stored trials were run with other settings than the study file now gives."""
+
+
+class TrialCrashed(RuntimeError):
+    """A trial raised an unexpected error; it is recorded on the trial and the study goes on."""
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    storage: str = "sqlite:///results/studies.db"
-    trials: int | None = None  # per condition; None: the spec's
+    storage: str = storage.DEFAULT_URL
     jobs: int = 1  # worker processes
-    device: str | None = None  # None: the best available
-    epochs: int | None = None  # max epochs; None: the spec's
+    device: str = "cpu"  # resolved once by the caller (engine.resolve_device)
     results_dir: Path = Path("results")
     heartbeat_interval: int = 5  # seconds between a running trial's heartbeats
     grace_period: int = 20  # seconds without a heartbeat before a trial counts as dead
@@ -91,30 +108,6 @@ class Reporter(Protocol):
     def trial_end(self, outcome: TrialOutcome) -> None: ...
 
 
-def open_storage(
-    url: str, heartbeat_interval: int | None = None, grace_period: int | None = None
-) -> RDBStorage:
-    """RDB storage with a heartbeat: a trial whose process died is failed, then retried once."""
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 120}}  # wait for other writers instead of "locked"
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=3) if heartbeat_interval else None
-    try:
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=retry,
-        )
-    except Exception as error:  # sqlalchemy raises many types for a bad URL or an absent driver
-        raise StudyError(
-            f"cannot open storage {url!r} ({type(error).__name__}: {str(error).splitlines()[0]}); "
-            "use sqlite:///path.db or postgresql://user:pass@host/db (pip install -e .[postgres])"
-        ) from None
-
-
 def quiet_optuna() -> None:
     """Keep Optuna's own logging and experimental/deprecation warnings out of the terminal."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -135,7 +128,7 @@ def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseS
     )
 
 
-def make_pruner(spec: StudySpec, max_epochs: int) -> optuna.pruners.BasePruner:
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     p = spec.pruner
     if p.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs)
@@ -144,7 +137,9 @@ def make_pruner(spec: StudySpec, max_epochs: int) -> optuna.pruners.BasePruner:
             p.percentile, n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs
         )
     if p.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, p.warmup_epochs), max_resource=max_epochs)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=max(1, p.warmup_epochs), max_resource=spec.max_epochs
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -154,11 +149,14 @@ def slug(study_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", tail.replace("%", "pct")).strip("-")
 
 
-def is_finished(trial: FrozenTrial) -> bool:
-    """Counts toward a condition's trials: complete, pruned, or failed by divergence (not by a crash)."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-        return True
-    return trial.state == TrialState.FAIL and trial.user_attrs.get("stop_reason") == "diverged"
+def best_weights_path(results_dir: Path, study_name: str) -> Path:
+    """results/<spec>/<condition>-best.pt: the best trial's weights, copied out of the storage."""
+    return Path(results_dir) / study_name.split("/", 1)[0] / f"{slug(study_name)}-best.pt"
+
+
+def trial_log_path(results_dir: Path, study_name: str, number: int) -> Path:
+    """results/<spec>/logs/<condition>-trial-N.log: the traceback of a trial that raised."""
+    return Path(results_dir) / study_name.split("/", 1)[0] / "logs" / f"{slug(study_name)}-trial-{number}.log"
 
 
 def _git_revision() -> str:
@@ -171,60 +169,218 @@ def _git_revision() -> str:
         return "unknown"
 
 
-def prepare(spec: StudySpec, options: RunOptions) -> list[str]:
-    """Create the storage schema and every condition's study once, before any worker starts.
+def data_config(spec: StudySpec, options: RunOptions) -> data.DataConfig:
+    """The data a study trains on: the run's data config with the spec's pool_limit on top."""
+    if spec.pool_limit is None:
+        return options.data_config
+    return replace(options.data_config, pool_limit=spec.pool_limit)
 
-    Several processes creating a new SQLite file at once race on the schema; done here, they
-    only ever load. Returns the study names in condition order.
+
+def load_splits(spec: StudySpec, options: RunOptions) -> data.Splits:
+    return data.load_splits(data_config(spec, options), torch.device(options.device))
+
+
+def fingerprint(spec: StudySpec, condition: dict[str, Any], options: RunOptions) -> dict[str, Any]:
+    """Everything that gives a condition's trials their meaning, as JSON-ready values.
+
+    The number of trials is left out on purpose: raising it continues the same study.
     """
-    storage = open_storage(options.storage)
-    names = []
-    max_epochs = options.epochs or spec.max_epochs
-    for condition in spec.condition_list():
-        name = spec.study_name(condition)
+    config = data_config(spec, options)
+    record = {
+        "condition": condition,
+        "fixed": spec.fixed,
+        "space": {name: asdict(dimension) for name, dimension in spec.space.items()},
+        "max_epochs": spec.max_epochs,
+        "batch_size": spec.batch_size,
+        "patience": spec.patience,
+        "metric": spec.metric,
+        "pruner": asdict(spec.pruner),
+        "sampler": asdict(spec.sampler),
+        "data": {
+            "pool_limit": config.pool_limit,
+            "val_size": config.val_size,
+            "split_seed": config.split_seed,
+        },
+    }
+    return json.loads(json.dumps(record))  # tuples -> lists, as the storage gives them back
+
+
+def fingerprint_changes(old: Any, new: Any, key: str = "") -> list[str]:
+    """'key: old -> new' for each difference, e.g. 'space.lr.low: 0.0001 -> 0.001', 'space.tau added'."""
+    comparable = isinstance(old, dict) and isinstance(new, dict) and (old.keys() & new.keys() or not old)
+    if not comparable:  # a leaf, or a dimension that became another kind (a range turned into a list)
+        return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+    changes = []
+    for name in sorted(old.keys() | new.keys()):
+        inner = f"{key}.{name}" if key else str(name)
+        if name not in old:
+            changes.append(f"{inner} added")
+        elif name not in new:
+            changes.append(f"{inner} removed")
+        else:
+            changes += fingerprint_changes(old[name], new[name], inner)
+    return changes
+
+
+def _legacy_changes(study: optuna.Study, new: dict[str, Any]) -> list[str]:
+    """A study from before fingerprints: compare what it did record, and its trials' distributions."""
+    attrs = study.user_attrs
+    recorded = {
+        key: attrs[key]
+        for key in (Attr.CONDITION, Attr.FIXED, Attr.MAX_EPOCHS, Attr.BATCH_SIZE)
+        if key in attrs
+    }
+    changes = fingerprint_changes(recorded, {key: new[key] for key in recorded})
+    for trial in study.get_trials(deepcopy=False):
+        for name, distribution in trial.distributions.items():
+            dimension = new["space"].get(name)
+            if dimension is None:
+                changes.append(f"space.{name} removed")
+            elif _distribution_of(dimension) != distribution:
+                changes.append(f"space.{name}: {distribution} -> {_distribution_of(dimension)}")
+    return sorted(set(changes))
+
+
+def _distribution_of(dimension: dict[str, Any]) -> optuna.distributions.BaseDistribution:
+    """The distribution spec.suggest asks Optuna for, from a fingerprint's dimension."""
+    if "choices" in dimension:
+        return optuna.distributions.CategoricalDistribution(dimension["choices"])
+    if dimension.get("integer"):
+        return optuna.distributions.IntDistribution(
+            int(dimension["low"]), int(dimension["high"]), log=dimension["log"]
+        )
+    return optuna.distributions.FloatDistribution(dimension["low"], dimension["high"], log=dimension["log"])
+
+
+def archived_name(study_name: str, stamp: str) -> str:
+    """'semi/labels=10%' -> 'semi@archived-<stamp>/labels=10%', which `fmsearch report` can read."""
+    head, _, tail = study_name.partition("/")
+    return f"{head}@archived-{stamp}" + (f"/{tail}" if tail else "")
+
+
+def _snapshot(study: optuna.Study) -> list[tuple]:
+    return [
+        (t.number, t.state, t.values, t.params, t.user_attrs, t.system_attrs, t.intermediate_values)
+        for t in study.get_trials(deepcopy=False)
+    ]
+
+
+def archive(rdb: optuna.storages.BaseStorage, study_name: str, stamp: str) -> str:
+    """Copy a study under its archived name, check the copy trial by trial, then delete the original.
+
+    Returns the archived name. Nothing is deleted unless the copy holds every trial unchanged.
+    """
+    target = archived_name(study_name, stamp)
+    optuna.copy_study(from_study_name=study_name, from_storage=rdb, to_storage=rdb, to_study_name=target)
+    original = optuna.load_study(study_name=study_name, storage=rdb)
+    copy = optuna.load_study(study_name=target, storage=rdb)
+    if _snapshot(copy) != _snapshot(original) or copy.user_attrs != original.user_attrs:
+        raise StudyError(
+            f"the copy of {study_name!r} as {target!r} differs from it: nothing was deleted; "
+            f"delete {target!r} (optuna delete-study) and rerun"
+        )
+    copy.set_user_attr(Attr.ARCHIVED_FROM, study_name)
+    optuna.delete_study(study_name=study_name, storage=rdb)
+    return target
+
+
+@dataclass
+class Prepared:
+    study_names: list[str]  # in condition order
+    archived: dict[str, str] = field(default_factory=dict)  # old name -> archived name
+
+
+def prepare(spec: StudySpec, options: RunOptions, archive_changed: bool = False) -> Prepared:
+    """Create every condition's study, or check that its stored trials mean what the spec says.
+
+    Runs before any data is loaded or any worker starts. A condition whose stored fingerprint
+    differs raises StudyChanged naming the keys, unless `archive_changed`: then its trials are
+    kept under an archived name (see `archive`) and the condition starts afresh.
+    """
+    rdb = storage.open_storage(options.storage, options.heartbeat_interval, options.grace_period)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    conditions = [(spec.study_name(c), c, fingerprint(spec, c, options)) for c in spec.condition_list()]
+    changed = {}
+    existing = set(optuna.get_all_study_names(storage=rdb))
+    for name, _, new in conditions:
+        if name not in existing:
+            continue
+        study = optuna.load_study(study_name=name, storage=rdb)
+        if not study.get_trials(deepcopy=False):
+            continue
+        old = study.user_attrs.get(Attr.FINGERPRINT)
+        changes = fingerprint_changes(old, new) if old is not None else _legacy_changes(study, new)
+        if changes:
+            changed[name] = (study, changes)
+    if changed and not archive_changed:
+        name, (study, changes) = next(iter(changed.items()))
+        shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+        raise StudyChanged(
+            f"study {name!r} in {storage.mask(options.storage)} holds {len(study.trials)} trials run with "
+            f"other settings ({shown}): they must not mix with new ones; give the study file a new name, "
+            f"or rerun with --archive-changed to keep them as {archived_name(name, stamp)!r} and start afresh"
+        )
+    archived = {}
+    for name, (study, _) in changed.items():
+        fail_stale_trials(study)
+        if any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+            raise StudyError(
+                f"study {name!r} has running trials: stop its workers (or wait "
+                f"{options.grace_period} s for a dead one to be failed) before archiving it"
+            )
+        archived[name] = archive(rdb, name, stamp)
+    for name, condition, new in conditions:
         study = optuna.create_study(
-            storage=storage,
+            storage=rdb,
             study_name=name,
             direction="maximize",
             sampler=make_sampler(spec),
-            pruner=make_pruner(spec, max_epochs),
+            pruner=make_pruner(spec),
             load_if_exists=True,
         )
-        study.set_metric_names([spec.metric])  # the dashboard names its axis val_accuracy, not "Objective 0"
+        if study.metric_names != [spec.metric]:
+            study.set_metric_names([spec.metric])  # the dashboard names its axis val_accuracy
         attrs = {
-            "spec": spec.name,
-            "description": spec.description,
-            "condition": condition,
-            "fixed": spec.fixed,
-            "metric": spec.metric,
-            "max_epochs": max_epochs,
-            "batch_size": spec.batch_size,
+            Attr.SPEC: spec.name,
+            Attr.DESCRIPTION: spec.description,
+            Attr.CONDITION: condition,
+            Attr.FIXED: spec.fixed,
+            Attr.METRIC: spec.metric,
+            Attr.MAX_EPOCHS: spec.max_epochs,
+            Attr.BATCH_SIZE: spec.batch_size,
+            Attr.FINGERPRINT: new,
         }
-        for key, value in attrs.items():
+        for key, value in json.loads(json.dumps(attrs)).items():
             if study.user_attrs.get(key) != value:
                 study.set_user_attr(key, value)
-        names.append(name)
-    storage.engine.dispose()
-    return names
+    storage.DatabaseArtifactStore(rdb)  # its table, created once here rather than by racing workers
+    rdb.engine.dispose()
+    return Prepared([name for name, _, _ in conditions], archived)
 
 
 class _Gate:
-    """Serializes 'count, then start a trial' across this run's workers, so none overshoots N.
+    """The storage's gate for one study, held from counting its trials until the new one exists.
 
-    Held from the count until the new trial exists in storage; the objective releases it.
+    work() takes it; the objective gives it back as soon as its trial is in the storage.
     """
 
-    def __init__(self, lock):
-        self.lock = lock
+    def __init__(self, gate: storage.Gate, study_name: str):
+        self.gate = gate
+        self.study_name = study_name
         self.held = False
 
     def acquire(self) -> None:
-        self.held = self.lock.acquire(timeout=600)
+        self.gate.acquire(self.study_name)
+        self.held = True
 
     def release(self) -> None:
         if self.held:
             self.held = False
-            self.lock.release()
+            self.gate.release()
+
+
+def _disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in DISK_FULL
 
 
 class Objective:
@@ -237,6 +393,7 @@ class Objective:
         reporter: Reporter,
         gate: _Gate,
         study_name: str,
+        artifacts: storage.DatabaseArtifactStore,
     ):
         self.spec = spec
         self.condition = condition
@@ -245,22 +402,56 @@ class Objective:
         self.reporter = reporter
         self.gate = gate
         self.study_name = study_name
-        self.weights_dir = options.results_dir / spec.name / "weights" / slug(study_name)
+        self.artifacts = artifacts
         device = splits.train_images.device
         self.meta = {
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "git_revision": _git_revision(),
             "torch_version": torch.__version__,
             "optuna_version": optuna.__version__,
+            "worker": f"{socket.gethostname()}:{os.getpid()}",  # which machine and process ran it
         }
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.gate.release()  # the trial now exists: other workers may count it
-        max_epochs = self.options.epochs or self.spec.max_epochs
-        config = suggest(trial, self.spec, self.condition, max_epochs)
-        for key, value in {**self.meta, "config": asdict(config), "seed": config.seed}.items():
+        try:
+            return self._train(trial)
+        except (optuna.TrialPruned, engine.DivergenceError):
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr(Attr.STOP_REASON, "interrupted")
+            raise
+        except Exception as error:
+            if storage.is_fault(error):
+                raise  # the storage itself failed: nothing can be recorded, the run stops
+            if _disk_full(error):
+                raise StudyError(
+                    f"{self.study_name} #{trial.number}: cannot save its weights ({error.strerror}): "
+                    "free disk space (the temporary folder and the storage's), then rerun; "
+                    "finished trials are kept"
+                ) from None
+            raise self._crashed(trial, error) from error
+
+    def _crashed(self, trial: optuna.Trial, error: Exception) -> TrialCrashed:
+        """Record a trial's unexpected error: its one-line reason on the trial, its traceback in a log."""
+        reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        log = trial_log_path(self.options.results_dir, self.study_name, trial.number)
+        try:
+            storage.write_atomic(
+                log, lambda path: path.write_text("".join(traceback.format_exception(error)))
+            )
+            reason += f" (traceback in {log})"
+        except OSError:
+            reason += " (its traceback could not be written under results/)"
+        trial.set_user_attr(Attr.STOP_REASON, CRASHED)
+        trial.set_user_attr(Attr.ERROR, reason)
+        return TrialCrashed(reason)
+
+    def _train(self, trial: optuna.Trial) -> float:
+        config = suggest(trial, self.spec, self.condition, self.spec.max_epochs)
+        for key, value in {**self.meta, Attr.CONFIG: asdict(config), Attr.SEED: config.seed}.items():
             trial.set_user_attr(key, value)
-        progress = self.reporter.trial_progress(self.study_name, trial.number, max_epochs)
+        progress = self.reporter.trial_progress(self.study_name, trial.number, self.spec.max_epochs)
         history: list[dict] = []
 
         # The pruner judges a pseudo-label trial only after its labeled-only warm-up plus the pruner's own.
@@ -269,28 +460,18 @@ class Objective:
         def report_and_prune(epoch: int, metrics: dict) -> str | None:
             history.append(metrics)
             trial.report(metrics[self.spec.metric], epoch)
-            trial.set_user_attr("history", history)  # written every epoch: a crash keeps the curve
+            trial.set_user_attr(Attr.HISTORY, history)  # written every epoch: a crash keeps the curve
             progress.epoch_end(metrics)
-            return (
-                "pruned"
-                if epoch - warmup >= self.spec.pruner.warmup_epochs and trial.should_prune()
-                else None
-            )
+            judged = epoch - warmup >= self.spec.pruner.warmup_epochs
+            return "pruned" if judged and trial.should_prune() else None
 
         subset = engine.make_subset(config, self.splits)
         team = None
         if config.unlabeled == "distill":
             team = teachers.build(config, self.splits, subset, self.options.results_dir / "teachers")
-            trial.set_user_attr(
-                "teachers",
-                {
-                    "count": len(team.members),
-                    "seconds": team.seconds,
-                    "epochs": team.epochs,
-                    "val_accuracy": team.val_accuracy,
-                    "test_accuracy": team.test_accuracy,
-                },
-            )
+            cost = {"count": len(team.members), "seconds": team.seconds, "epochs": team.epochs}
+            accuracy = {"val_accuracy": team.val_accuracy, "test_accuracy": team.test_accuracy}
+            trial.set_user_attr("teachers", cost | accuracy)
         try:
             result = engine.fit(
                 config,
@@ -301,15 +482,15 @@ class Objective:
                 progress=progress,
             )
         except engine.DivergenceError as error:
-            trial.set_user_attr("stop_reason", "diverged")
-            trial.set_user_attr("error", str(error))
+            trial.set_user_attr(Attr.STOP_REASON, DIVERGED)
+            trial.set_user_attr(Attr.ERROR, str(error))
             raise
         finally:
             progress.close()
         record = {
-            "stop_reason": result.stop_reason,
-            "best_epoch": result.best_epoch,
-            "seconds": result.seconds,
+            Attr.STOP_REASON: result.stop_reason,
+            Attr.BEST_EPOCH: result.best_epoch,
+            Attr.SECONDS: result.seconds,
             "images_per_second": statistics.median(h["images_per_second"] for h in result.history),
             "labeled_count": result.labeled_count,
         }
@@ -317,16 +498,23 @@ class Objective:
             trial.set_user_attr(key, value)
         if result.stop_reason == "pruned":
             raise optuna.TrialPruned(f"pruned after epoch {len(result.history)}")
-        self.weights_dir.mkdir(parents=True, exist_ok=True)
-        partial = self.weights_dir / f"trial-{trial.number}.pt.partial"
-        torch.save(result.best_state, partial)
-        partial.replace(self.weights_dir / f"trial-{trial.number}.pt")
-        return result.best[self.spec.metric]
+        value = result.best[self.spec.metric]
+        complete = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if all(value >= t.value for t in complete):  # the final best was best when it finished
+            self._keep_weights(trial, result.best_state)
+        return value
+
+    def _keep_weights(self, trial: optuna.Trial, state: dict) -> None:
+        """Store the best epoch's weights in the storage, as the trial's artifact weights.pt."""
+        with tempfile.TemporaryDirectory(prefix="fmsearch-") as folder:
+            path = Path(folder) / storage.WEIGHTS_FILE
+            torch.save(state, path)
+            upload_artifact(artifact_store=self.artifacts, file_path=str(path), study_or_trial=trial)
 
 
 def outcome_of(study_name: str, trial: FrozenTrial) -> TrialOutcome:
     attrs = trial.user_attrs
-    stop = attrs.get("stop_reason", "pruned" if trial.state == TrialState.PRUNED else "crashed")
+    stop = attrs.get(Attr.STOP_REASON, "pruned" if trial.state == TrialState.PRUNED else "stale")
     return TrialOutcome(
         study_name=study_name,
         number=trial.number,
@@ -334,52 +522,53 @@ def outcome_of(study_name: str, trial: FrozenTrial) -> TrialOutcome:
         value=trial.value,
         params=trial.params,
         stop_reason=stop,
-        best_epoch=attrs.get("best_epoch"),
-        seconds=attrs.get("seconds"),
-        error=attrs.get("error"),
+        best_epoch=attrs.get(Attr.BEST_EPOCH),
+        seconds=attrs.get(Attr.SECONDS),
+        error=attrs.get(Attr.ERROR),
     )
-
-
-def load_splits(spec: StudySpec, options: RunOptions, device: torch.device) -> data.Splits:
-    config = options.data_config
-    if spec.pool_limit is not None:
-        config = replace(config, pool_limit=spec.pool_limit)
-    return data.load_splits(config, device)
 
 
 def work(
     spec: StudySpec,
     options: RunOptions,
     worker: int,
-    lock,
     reporter_factory: Callable[[int], Reporter],
     splits: data.Splits | None = None,
 ) -> None:
-    """One worker: for each condition, run trials until the condition has N finished ones."""
+    """One worker: for each condition, run trials until the condition has spec.trials finished ones.
+
+    Raises StudyError after MAX_CONSECUTIVE_CRASHES trials in a row raised an error.
+    """
     quiet_optuna()
-    device = engine.resolve_device(options.device)
-    if device.type == "cpu" and options.jobs > 1:
+    storage.quiet_background_faults()
+    if options.device == "cpu" and options.jobs > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.jobs))  # split the cores
-    splits = splits if splits is not None else load_splits(spec, options, device)
-    storage = open_storage(options.storage, options.heartbeat_interval, options.grace_period)
+    splits = splits if splits is not None else load_splits(spec, options)
+    rdb = storage.open_storage(options.storage, options.heartbeat_interval, options.grace_period)
+    artifacts = storage.DatabaseArtifactStore(rdb)
     reporter = reporter_factory(worker)
-    target = options.trials or spec.trials
-    max_epochs = options.epochs or spec.max_epochs
-    gate = _Gate(lock)
+    storage_gate = storage.Gate(rdb)
+    crashes: list[str] = []  # this worker's trials in a row that raised
     for condition in spec.condition_list():
         name = spec.study_name(condition)
         # A distinct, resume-aware seed per worker, so workers and reruns don't repeat each other.
-        done_before = len(optuna.load_study(study_name=name, storage=storage).trials)
+        done_before = len(optuna.load_study(study_name=name, storage=rdb).trials)
         study = optuna.load_study(
             study_name=name,
-            storage=storage,
+            storage=rdb,
             sampler=make_sampler(spec, seed_offset=1000 * worker + done_before),
-            pruner=make_pruner(spec, max_epochs),
+            pruner=make_pruner(spec),
         )
-        objective = Objective(spec, condition, splits, options, reporter, gate, name)
+        gate = _Gate(storage_gate, name)
+        objective = Objective(spec, condition, splits, options, reporter, gate, name, artifacts)
 
         def finished_callback(study: optuna.Study, trial: FrozenTrial, name: str = name) -> None:
-            reporter.trial_end(outcome_of(name, trial))
+            outcome = outcome_of(name, trial)
+            if outcome.stop_reason == CRASHED:
+                crashes.append(f"{name} #{trial.number}: {outcome.error}")
+            else:
+                crashes.clear()
+            reporter.trial_end(outcome)
 
         while True:
             gate.acquire()
@@ -388,19 +577,24 @@ def work(
                 trials = study.get_trials(deepcopy=False)
                 finished = sum(map(is_finished, trials))
                 states = Counter(t.state for t in trials)
-                if finished >= target:
+                if finished >= spec.trials:
                     break
-                start = states[TrialState.WAITING] > 0 or finished + states[TrialState.RUNNING] < target
+                start = states[TrialState.WAITING] > 0 or finished + states[TrialState.RUNNING] < spec.trials
                 if start:
                     study.optimize(
                         objective,
                         n_trials=1,
-                        catch=(engine.DivergenceError,),
+                        catch=(engine.DivergenceError, TrialCrashed),
                         callbacks=[finished_callback],
                         gc_after_trial=False,
                     )
             finally:
                 gate.release()
+            if len(crashes) >= MAX_CONSECUTIVE_CRASHES:
+                raise StudyError(
+                    f"{len(crashes)} trials in a row raised an error, last {crashes[-1]}: fix the cause, "
+                    "then rerun (failed trials do not count toward the study's trials)"
+                )
             if not start:
                 time.sleep(options.heartbeat_interval)  # others' trials are running: wait for them
 
@@ -414,29 +608,93 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)  # 1 is PR_SET_PDEATHSIG
 
 
-def _worker(spec, options, worker, lock, reporter_factory) -> None:
+def _interrupt_once(signum, frame) -> None:
+    """The first Ctrl-C stops the trial (Optuna marks it FAIL); later ones must not cut that short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _worker(spec, options, worker, reporter_factory, errors) -> None:
+    """A worker process: its error goes back to the parent as one line (a bug: its traceback)."""
     _die_with_parent()
-    work(spec, options, worker, lock, reporter_factory)
+    signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        work(spec, options, worker, reporter_factory)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except (StudyError, StorageError, data.DataError) as error:
+        errors.put((worker, str(error), None))
+        raise SystemExit(1) from None
+    except Exception as error:
+        if storage.is_fault(error):
+            errors.put((worker, storage.fault_message(error, options.storage), None))
+        else:
+            errors.put((worker, f"{type(error).__name__}: {error}", traceback.format_exc()[-20000:]))
+        raise SystemExit(1) from None
+
+
+def _run_workers(spec: StudySpec, options: RunOptions, reporter_factory: Callable[[int], Reporter]) -> None:
+    context = multiprocessing.get_context("spawn")
+    errors = context.SimpleQueue()
+    workers = [
+        context.Process(target=_worker, args=(spec, options, i, reporter_factory, errors), daemon=True)
+        for i in range(options.jobs)
+    ]
+    for process in workers:
+        process.start()
+    try:
+        for process in workers:
+            process.join()
+    except KeyboardInterrupt:
+        for process in workers:  # a terminal's Ctrl-C reached them too; a `kill -INT` of this one did not
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGINT)
+        for process in workers:
+            process.join(timeout=60)  # each marks its running trial FAIL, then exits
+            if process.is_alive():
+                process.kill()
+                process.join()
+        raise
+    reported = []
+    while not errors.empty():
+        reported.append(errors.get())
+    if reported:
+        worker, message, trace = reported[0]
+        if trace is not None:
+            raise RuntimeError(f"worker {worker} raised:\n{trace}")
+        raise StudyError(message)
+    failed = [p.exitcode for p in workers if p.exitcode != 0]
+    if failed:
+        raise StudyError(f"{len(failed)} of {options.jobs} workers exited with {failed}: rerun to resume")
 
 
 def evaluate_best(
-    study: optuna.Study, spec: StudySpec, splits: data.Splits, results_dir: Path
+    study: optuna.Study, splits: data.Splits, results_dir: Path, artifacts: storage.DatabaseArtifactStore
 ) -> dict[str, Any] | None:
-    """Score the best trial once on the test set; store the result on the study. None if no trial."""
+    """Score the best trial once on the test set; store the result on the study. None if no trial.
+
+    The weights come from the storage, so any machine that reaches it gets the same score.
+    """
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not complete:
         return None
     best = study.best_trial
-    previous = study.user_attrs.get("test")
+    previous = study.user_attrs.get(Attr.TEST)
     if previous and previous.get("trial") == best.number:
         return previous
-    name_slug = slug(study.study_name)
-    weights = results_dir / spec.name / "weights" / name_slug / f"trial-{best.number}.pt"
-    if not weights.exists():
-        raise StudyError(f"{weights} is missing: rerun the study so trial {best.number} can be scored")
-    config = engine.TrainConfig(**best.user_attrs["config"])
-    model = build_model(config.arch, config.dropout).to(splits.test_images.device)
-    model.load_state_dict(torch.load(weights, weights_only=True, map_location=splits.test_images.device))
+    stored = [
+        m for m in get_all_artifact_meta(best, storage=study._storage) if m.filename == storage.WEIGHTS_FILE
+    ]
+    if not stored:
+        raise StudyError(
+            f"{study.study_name}: its best trial #{best.number} has no weights in the storage (it ran "
+            "before fmsearch kept them there): archive the study with --archive-changed and rerun it"
+        )
+    body = artifacts.open_reader(stored[-1].artifact_id).read()
+    device = splits.test_images.device
+    config = engine.TrainConfig(**best.user_attrs[Attr.CONFIG])
+    model = build_model(config.arch, config.dropout).to(device)
+    model.load_state_dict(torch.load(io.BytesIO(body), weights_only=True, map_location=device))
     evaluation = engine.evaluate(model, splits.test_images, splits.test_labels, splits.normalize)
     truth = splits.test_labels.cpu().numpy()
     matrix = confusion_matrix(truth, evaluation.predictions.numpy(), labels=list(range(len(data.CLASSES))))
@@ -448,9 +706,14 @@ def evaluate_best(
         "confusion": matrix.tolist(),
         "classes": list(data.CLASSES),
     }
-    study.set_user_attr("test", record)
-    best_copy = results_dir / spec.name / f"{name_slug}-best.pt"
-    best_copy.write_bytes(weights.read_bytes())
+    try:
+        storage.write_bytes_atomic(best_weights_path(results_dir, study.study_name), body)
+    except OSError as error:
+        raise StudyError(
+            f"cannot write {best_weights_path(results_dir, study.study_name)} ({error.strerror}): "
+            "free disk space, then rerun; the weights stay in the storage"
+        ) from None
+    study.set_user_attr(Attr.TEST, record)
     return record
 
 
@@ -460,7 +723,7 @@ def summarize(study: optuna.Study) -> ConditionSummary:
     if any(t.state == TrialState.COMPLETE for t in trials):
         best = study.best_trial
         summary.best_value, summary.best_params, summary.best_trial = best.value, best.params, best.number
-    summary.test = study.user_attrs.get("test")
+    summary.test = study.user_attrs.get(Attr.TEST)
     return summary
 
 
@@ -497,8 +760,9 @@ def estimate_epoch_seconds(spec: StudySpec, splits: data.Splits, batch_size: int
 
 
 @dataclass
+@dataclass
 class Plan:
-    study_names: list[str]
+    conditions: int
     trials: int
     max_epochs: int
     epoch_seconds: float
@@ -506,18 +770,16 @@ class Plan:
 
     @property
     def max_seconds(self) -> float:
-        return len(self.study_names) * self.trials * self.max_epochs * self.epoch_seconds
+        return self.conditions * self.trials * self.max_epochs * self.epoch_seconds
 
 
-def plan(spec: StudySpec, options: RunOptions, splits: data.Splits) -> Plan:
-    """Create the studies and measure what the run costs at most."""
-    names = prepare(spec, options)
-    seconds = estimate_epoch_seconds(spec, splits, spec.batch_size)
+def plan(spec: StudySpec, splits: data.Splits) -> Plan:
+    """Measure what the run costs at most; creates nothing."""
     return Plan(
-        names,
-        options.trials or spec.trials,
-        options.epochs or spec.max_epochs,
-        seconds,
+        len(spec.condition_list()),
+        spec.trials,
+        spec.max_epochs,
+        estimate_epoch_seconds(spec, splits, spec.batch_size),
         str(splits.train_images.device),
     )
 
@@ -528,32 +790,20 @@ def run(
     reporter_factory: Callable[[int], Reporter],
     splits: data.Splits,
 ) -> list[ConditionSummary]:
-    """Run every condition to N finished trials with `options.jobs` workers, then score the bests.
+    """Run every condition to spec.trials finished trials with `options.jobs` workers, then score the bests.
 
-    `splits` is the parent's data; with one job it is reused, with more each process loads its own.
-    The storage and the studies are created (or found) here, before any worker starts.
+    `prepare` must have run. `splits` is the parent's data; with one job it is reused, with more
+    each process loads its own.
     """
-    prepare(spec, options)
     if options.jobs == 1:
-        work(spec, options, 0, threading.Lock(), reporter_factory, splits)
+        work(spec, options, 0, reporter_factory, splits)
     else:
-        context = multiprocessing.get_context("spawn")
-        lock = context.Lock()
-        workers = [
-            context.Process(target=_worker, args=(spec, options, i, lock, reporter_factory), daemon=True)
-            for i in range(options.jobs)
-        ]
-        for process in workers:
-            process.start()
-        for process in workers:
-            process.join()
-        failed = [p.exitcode for p in workers if p.exitcode != 0]
-        if failed:
-            raise StudyError(f"{len(failed)} of {options.jobs} workers exited with {failed}: rerun to resume")
-    storage = open_storage(options.storage)
+        _run_workers(spec, options, reporter_factory)
+    rdb = storage.open_storage(options.storage)
+    artifacts = storage.DatabaseArtifactStore(rdb)
     summaries = []
     for condition in spec.condition_list():
-        study = optuna.load_study(study_name=spec.study_name(condition), storage=storage)
-        evaluate_best(study, spec, splits, options.results_dir)
+        study = optuna.load_study(study_name=spec.study_name(condition), storage=rdb)
+        evaluate_best(study, splits, options.results_dir, artifacts)
         summaries.append(summarize(study))
     return summaries

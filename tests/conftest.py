@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import pwd
+import re
+import shutil
+import socket
 import struct
-from dataclasses import dataclass
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -202,13 +210,26 @@ class TinyStudy:
 
 
 def run_tiny_study(
-    folder: Path, tiny: TinyData, text: str = TINY_STUDY, name: str = "tiny", **options
+    folder: Path,
+    tiny: TinyData,
+    text: str = TINY_STUDY,
+    name: str = "tiny",
+    trials: int | None = None,
+    epochs: int | None = None,
+    archive_changed: bool = False,
+    **options,
 ) -> TinyStudy:
-    """Run a study file over the tiny data, with its storage and results under `folder`."""
+    """Run a study file over the tiny data, with its storage and results under `folder`.
+
+    `trials` and `epochs` override the file's, as `fmsearch study --trials --epochs` does.
+    """
     from fmsearch import spec, study
 
     folder.mkdir(parents=True, exist_ok=True)
     study_spec = spec.parse(write_study(folder, text, name))
+    study_spec = replace(
+        study_spec, trials=trials or study_spec.trials, max_epochs=epochs or study_spec.max_epochs
+    )
     values = {
         "storage": f"sqlite:///{folder}/studies.db",
         "results_dir": folder / "results",
@@ -219,7 +240,8 @@ def run_tiny_study(
         **options,
     }
     run_options = study.RunOptions(**values)
-    splits = study.load_splits(study_spec, run_options, torch.device("cpu"))
+    study.prepare(study_spec, run_options, archive_changed=archive_changed)
+    splits = study.load_splits(study_spec, run_options)
     summaries = study.run(study_spec, run_options, QuietReporter, splits)
     return TinyStudy(study_spec, run_options, summaries)
 
@@ -228,3 +250,107 @@ def run_tiny_study(
 def tiny_study(tmp_path_factory, tiny) -> TinyStudy:
     """The tiny study, run once for every test that reads its storage (read-only: don't add trials)."""
     return run_tiny_study(tmp_path_factory.mktemp("tiny-study"), tiny)
+
+
+def _postgres_bin() -> Path | None:
+    """Debian's PostgreSQL server binaries (/usr/lib/postgresql/<version>/bin), newest first."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
+    if found:
+        return found[0].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).resolve().parent if initdb else None
+
+
+@dataclass
+class Postgres:
+    """A real PostgreSQL server on 127.0.0.1, in a temporary data folder, with a password login."""
+
+    bin: Path
+    data: Path
+    port: int
+    run_as: str | None  # initdb and the server refuse to run as root
+    user: str = "fmsearch"
+    password: str = "pa55-w0rd-nobody-may-see"
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def pg_ctl(self, *args: str) -> subprocess.CompletedProcess:
+        command = [str(self.bin / "pg_ctl"), "-D", str(self.data), *args]
+        return subprocess.run(command, user=self.run_as, capture_output=True, text=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.data}"
+        result = self.pg_ctl(
+            "-o", options + " -c fsync=off", "-l", str(self.data / "server.log"), "-w", "start"
+        )
+        assert result.returncode == 0, result.stderr + (self.data / "server.log").read_text()[-2000:]
+
+    def stop(self, mode: str = "fast") -> None:
+        self.pg_ctl("-m", mode, "-w", "stop")
+
+    def create_database(self) -> str:
+        """A fresh, empty database; returns its URL."""
+        import psycopg
+
+        name = f"t{uuid.uuid4().hex[:12]}"
+        dsn = f"host=127.0.0.1 port={self.port} user={self.user} password={self.password} dbname=postgres"
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """Debian's `postgresql` server, started for the session on loopback and stopped after it."""
+    pytest.importorskip("psycopg", reason="no psycopg: `make setup` installs the postgres extra")
+    binaries = _postgres_bin()
+    if binaries is None:
+        pytest.skip("no PostgreSQL server: `make postgres` installs Debian's package as root")
+    run_as = None
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a 'postgres' user for the server to run as")
+        run_as = "postgres"
+    root = Path(tempfile.mkdtemp(prefix="fmsearch-pg-"))
+    root.chmod(0o755)
+    server = Postgres(binaries, root / "data", _free_port(), run_as)
+    password_file = root / "password"
+    password_file.write_text(server.password)
+    if run_as:
+        shutil.chown(root, run_as)
+        shutil.chown(password_file, run_as)
+    initdb = [
+        str(binaries / "initdb"), "-D", str(server.data), "-U", server.user, f"--pwfile={password_file}",
+        "--auth=scram-sha-256", "-E", "UTF8", "--no-sync",
+    ]  # fmt: skip
+    result = subprocess.run(initdb, user=run_as, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    server.start()
+    yield server
+    server.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh database on the session's PostgreSQL server, password in the URL."""
+    return postgres_server.create_database()
+
+
+def messages(stderr: str) -> list[str]:
+    """The lines a command printed to stderr, without its tqdm progress bars."""
+    plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)  # tqdm's cursor movements
+    return [
+        line.strip()
+        for line in re.split(r"[\r\n]", plain)
+        if line.strip() and not re.search(r"\d+%\||batch/s|\bbatch\]", line)
+    ]

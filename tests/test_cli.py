@@ -1,13 +1,17 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
 import pytest
+from optuna.trial import TrialState
+from sqlalchemy.exc import OperationalError
 
-from tests.conftest import REAL_ROOT, needs_real_data
+from tests.conftest import REAL_ROOT, messages, needs_real_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,3 +182,87 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, cap
     monkeypatch.setattr(cli, "cmd_data", bug)
     with pytest.raises(ValueError, match="math domain error"):
         cli.main(["data"])
+
+
+INTERRUPTED_STUDY = """
+description = "two workers, interrupted"
+trials = 4
+max_epochs = 20
+batch_size = 64
+patience = 20
+pool_limit = 2000
+
+[pruner]
+name = "none"
+
+[fixed]
+arch = "plain"
+
+[space]
+lr = { low = 1e-3, high = 3e-3, log = true }
+"""
+
+
+@needs_real_data
+@pytest.mark.slow
+def test_ctrl_c_with_two_jobs_fails_the_running_trials_at_once_in_one_line(tmp_path):
+    (tmp_path / "stop.toml").write_text(INTERRUPTED_STUDY)
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    env = {**os.environ, "FMSEARCH_DATA": str(REAL_ROOT)}
+    command = ["study", "stop.toml", "--jobs", "2", "--device", "cpu", "--storage", storage]
+    study = subprocess.Popen(
+        [sys.executable, "-m", "fmsearch.cli", *command], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:  # both workers part-way through a trial
+        time.sleep(0.5)
+        assert study.poll() is None, study.stderr.read()[-3000:]
+        try:
+            trials = optuna.load_study(study_name="stop", storage=storage).trials
+        except (KeyError, OperationalError):
+            continue
+        if sum(t.state == TrialState.RUNNING and len(t.intermediate_values) >= 1 for t in trials) == 2:
+            break
+    os.killpg(study.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, err = study.communicate(timeout=120)
+    assert study.returncode == 130
+    assert messages(err) == [
+        "fmsearch study: interrupted; running trials were marked FAIL (they do not count): rerun to resume"
+    ], err[-3000:]
+    assert "Traceback" not in err and "leaked semaphore" not in err and "KeyboardInterrupt" not in err
+    trials = optuna.load_study(study_name="stop", storage=storage).trials
+    assert not any(t.state == TrialState.RUNNING for t in trials)
+    interrupted = [t for t in trials if t.user_attrs.get("stop_reason") == "interrupted"]
+    assert len(interrupted) == 2 and all(t.state == TrialState.FAIL for t in interrupted)
+    states = [(t.number, t.state.name) for t in trials]
+    print(f"\nCtrl-C: {messages(err)[-1]} (exit {study.returncode}); {states}")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["train", "--device", "foo"],
+            "argument --device: unknown device 'foo': use cpu, cuda, cuda:N or mps",
+        ),
+        (["dashboard", "--port", "99999"], "argument --port: must be a TCP port in 1..65535, got 99999"),
+        (
+            ["study", "smoke", "--storage", "sqlite:///:memory:"],
+            "argument --storage: 'sqlite:///:memory:' is an in-memory database",
+        ),
+        (["report", "../escape"], "argument name: '../escape' is not a study name"),
+    ],
+)
+def test_more_bad_arguments_get_one_line_and_exit_2(args, message):
+    result = fmsearch(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_study_file_whose_name_would_leave_results_is_refused(tmp_path):
+    (tmp_path / "...toml").write_text(INTERRUPTED_STUDY)
+    result = fmsearch("study", "...toml", "--storage", f"sqlite:///{tmp_path}/s.db", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "...toml: '..' is not a study name" in result.stderr
+    assert not (tmp_path / "s.db").exists() and not (tmp_path / "results").exists()

@@ -9,6 +9,7 @@ from optuna_dashboard import get_note
 from PIL import Image
 
 from fmsearch import report, spec, study
+from fmsearch.storage import DatabaseArtifactStore, open_storage
 from tests.conftest import TINY_STUDY, run_tiny_study, study_text, write_study
 
 FIGURES = {"curves.png", "fraction.png", "search.png", "confusion.png"}
@@ -20,9 +21,8 @@ def tiny_report(tiny_study, tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
     shutil.copy(tiny_study.storage.removeprefix("sqlite:///"), folder / "studies.db")
     storage = f"sqlite:///{folder}/studies.db"
-    summary, images = report.write_report(
-        storage, "tiny", folder / "results", artifact_dir=folder / "artifacts"
-    )
+    rdb = open_storage(storage)
+    summary, images = report.write_report(rdb, "tiny", folder / "results", DatabaseArtifactStore(rdb))
     return storage, summary, images
 
 
@@ -115,3 +115,29 @@ def test_a_categorical_learning_rate_is_drawn_too(tmp_path, tiny):
     run = run_tiny_study(tmp_path, tiny, text, name="listed")
     _, images = report.write_report(run.storage, "listed", tmp_path / "results")
     assert "search.png" in {p.name for p in images}
+
+
+def test_reporting_twice_uploads_each_figure_once(tiny_report, tmp_path):
+    storage, _, images = tiny_report
+    rdb = open_storage(storage)
+    report.write_report(rdb, "tiny", tmp_path / "results", DatabaseArtifactStore(rdb))  # the second report
+    for name in ("tiny/labels=100%", "tiny/labels=50%"):
+        loaded = optuna.load_study(study_name=name, storage=storage)
+        metas = get_all_artifact_meta(loaded)
+        assert len(metas) == len(images)  # counted, not compared as sets of names
+        store = DatabaseArtifactStore(rdb)
+        for meta in metas:
+            assert (
+                store.open_reader(meta.artifact_id).read()
+                == (tmp_path / "results" / "tiny" / meta.filename).read_bytes()
+            )
+
+
+def test_a_study_whose_trials_all_diverged_is_told_so_not_to_run_make_study(tmp_path, tiny):
+    text = study_text(trials=2, max_epochs=1, fixed="optimizer = 'sgd'\narch = 'plain'", space="lr = [1e4]")
+    run = run_tiny_study(tmp_path, tiny, text, name="diverged")
+    with pytest.raises(report.ReportError) as refused:
+        report.write_report(run.storage, "diverged", tmp_path / "results")
+    message = str(refused.value)
+    assert "all 2 finished trials diverged" in message and "lower the top of the lr range" in message
+    assert "make study" not in message

@@ -1,0 +1,367 @@
+"""Where a study is kept: the Optuna storage, its artifacts, and the files written under results/.
+
+study.py writes and report.py reads the same user attributes (`Attr`), counts trials with the same
+`is_finished`, and keeps weights and figures in the same database (`DatabaseArtifactStore`), so any
+machine that reaches the storage can score a best trial or serve a figure. Storage faults become one
+line that names the storage with its password hidden (`fault_message`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import optuna
+import sqlalchemy as sa
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from fmsearch.errors import FmsearchError
+
+DEFAULT_URL = "sqlite:///results/studies.db"
+ENV_URL = "FMSEARCH_STORAGE"  # keeps a password off the command line and out of `ps`
+SQLITE_BUSY_TIMEOUT = 120  # seconds a writer waits for another instead of failing "database is locked"
+CONNECT_TIMEOUT = 10  # seconds before an unreachable PostgreSQL server is reported, not waited on
+WEIGHTS_FILE = "weights.pt"  # a trial's best-epoch state dict, as an artifact of the trial
+
+
+class Attr:
+    """User-attribute keys: what study.py records and report.py reads back."""
+
+    # on each condition's study
+    SPEC = "spec"
+    DESCRIPTION = "description"
+    CONDITION = "condition"
+    FIXED = "fixed"
+    METRIC = "metric"
+    MAX_EPOCHS = "max_epochs"
+    BATCH_SIZE = "batch_size"
+    FINGERPRINT = "fingerprint"  # everything that gives a trial its meaning; see study.fingerprint
+    ARCHIVED_FROM = "archived_from"
+    TEST = "test"  # the best trial's test-set score
+    # on each trial
+    CONFIG = "config"
+    HISTORY = "history"
+    STOP_REASON = "stop_reason"
+    BEST_EPOCH = "best_epoch"
+    SECONDS = "seconds"
+    ERROR = "error"
+    SEED = "seed"
+
+
+DIVERGED = "diverged"  # stop_reason of a trial whose loss became NaN: a result, it counts
+CRASHED = "crashed"  # stop_reason of a trial that raised: not a result, it does not count
+
+
+class StorageError(FmsearchError):
+    """A storage cannot be used as asked; the message names it (password hidden) and the fix."""
+
+
+def is_finished(trial: FrozenTrial) -> bool:
+    """Counts toward a condition's trials: complete, pruned, or failed by divergence (not by a crash)."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and trial.user_attrs.get(Attr.STOP_REASON) == DIVERGED
+
+
+def is_archived(study_name: str) -> bool:
+    return "@archived-" in study_name
+
+
+def mask(url: str) -> str:
+    """The URL with its password replaced by ***, for every line a user or a log may see."""
+    try:
+        parsed = sa.engine.make_url(url)
+        return url if parsed.password is None else parsed.render_as_string(hide_password=True)
+    except Exception:  # not parseable by SQLAlchemy: hide anything between "user:" and "@"
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _password(url: str) -> str | None:
+    try:
+        return sa.engine.make_url(url).password
+    except Exception:
+        return None
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` with the URL's password hidden wherever it appears (drivers may echo the URL)."""
+    password = _password(url)
+    return text.replace(str(password), "***") if password else text
+
+
+def default_url() -> str:
+    return os.environ.get(ENV_URL) or DEFAULT_URL
+
+
+def check_url(url: str) -> str:
+    """Refuse a URL no worker or rerun could share; raises StorageError with the fix."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except Exception:
+        raise StorageError(
+            f"{mask(url)!r} is not a storage URL: use sqlite:///results/studies.db "
+            "or postgresql://user@host/db (password in $FMSEARCH_STORAGE)"
+        ) from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise StorageError(
+            f"{mask(url)!r} is an in-memory database that workers, reruns and reports cannot see: "
+            "use a file, e.g. sqlite:///results/studies.db"
+        )
+    return url
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        if "timeout" in parsed.query:  # sqlite:///x.db?timeout=5 sets the busy timeout itself
+            return {}
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+    return kwargs
+
+
+def open_storage(
+    url: str, heartbeat_interval: int | None = None, grace_period: int | None = None
+) -> RDBStorage:
+    """RDB storage with a heartbeat: a trial whose process died is failed, then retried up to 3 times."""
+    check_url(url)
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=3) if heartbeat_interval else None
+    try:
+        for attempt in range(3):
+            try:
+                return RDBStorage(
+                    url,
+                    engine_kwargs=_engine_kwargs(url),
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=retry,
+                )
+            except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
+                if attempt == 2:
+                    raise
+                time.sleep(0.5 + attempt)  # workers on several machines created the schema at once
+    except ImportError:  # Optuna's, for an absent driver
+        raise StorageError(
+            f"cannot open storage {mask(url)!r}: its database driver is not installed; "
+            "use sqlite:///path.db, or postgresql://user@host/db after pip install -e '.[postgres]'"
+        ) from None
+    except sa.exc.ArgumentError as error:
+        raise StorageError(
+            f"cannot open storage {mask(url)!r} ({scrub(str(error), url).splitlines()[0]}); "
+            "use sqlite:///path.db or postgresql://user@host/db (pip install -e '.[postgres]')"
+        ) from None
+    except Exception as error:
+        if is_fault(error):
+            raise StorageError(fault_message(error, url, starting=True)) from None
+        raise
+
+
+def is_fault(error: BaseException) -> bool:
+    """A database or connection failure, raised directly or wrapped by Optuna."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, sa.exc.SQLAlchemyError | optuna.exceptions.StorageInternalError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def quiet_background_faults() -> None:
+    """Leave a storage fault in a background thread (Optuna's heartbeat) to the main thread to report.
+
+    Without this, a database that goes away prints the heartbeat thread's traceback first.
+    """
+    if getattr(threading.excepthook, "fmsearch", False):
+        return
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is None or not is_fault(args.exc_value):
+            default(args)
+
+    hook.fmsearch = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+def _root_message(error: BaseException) -> str:
+    """The driver's own message, under SQLAlchemy's and Optuna's wrappers."""
+    seen: BaseException = error
+    while True:
+        if isinstance(seen, sa.exc.DBAPIError) and seen.orig is not None:
+            seen = seen.orig
+            break
+        nxt = seen.__cause__ or seen.__context__
+        if nxt is None:
+            break
+        seen = nxt
+    lines = [line.strip() for line in str(seen).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(seen).__name__
+
+
+# (pattern in the driver's message, what it means, what to do), first match wins
+_FAULTS = (
+    (r"readonly database|read-only", "is read-only", "make the file and its folder writable, or use another"),
+    (
+        r"database is locked",
+        "stayed locked by another process past the busy timeout",
+        "let the other writer finish, or raise ?timeout= in the URL",
+    ),
+    (r"disk is full|no space left|file too large", "has no room to write", "free disk space, then rerun"),
+    (
+        r"disk i/o error",
+        "could not write to its disk (a full or failing disk)",
+        "free disk space or check the disk, then rerun",
+    ),
+    (r"unable to open database file", "cannot be opened", "check that its folder exists and is writable"),
+    (r"password authentication failed|authentication", "refused the login", "check the user and password"),
+    (r"database .* does not exist", "has no such database", "create it (createdb) or fix the name"),
+    (
+        r"timeout expired|timed out",
+        "did not answer within the connect timeout",
+        "check the host, port and firewall, then rerun",
+    ),
+)
+# A lost or refused connection: unreachable when opening the storage, gone when it was in use.
+_CONNECTION = (
+    r"terminating connection|server closed the connection|connection.*(lost|closed|reset|refused)|"
+    r"consuming input failed|ssl syscall|shutting down|could not connect|connection failed|no route|"
+    r"name or service not known"
+)
+
+
+def fault_message(error: BaseException, url: str, starting: bool = False) -> str:
+    """One line: which storage failed (password hidden), what happened, and what to do.
+
+    `starting`: the storage was being opened, so a dropped connection means it is unreachable.
+    """
+    detail = scrub(_root_message(error), url)
+    faults = [
+        *_FAULTS,
+        (_CONNECTION, "is unreachable", "start the database server or fix the host and port, then rerun")
+        if starting
+        else (_CONNECTION, "went away mid-study", "rerun when it is back (the interrupted trial is retried)"),
+    ]
+    for pattern, meaning, fix in faults:
+        if re.search(pattern, detail, flags=re.IGNORECASE):
+            return f"storage {mask(url)} {meaning} ({detail}): {fix}; finished trials stay in it"
+    return f"storage {mask(url)} failed ({detail}): check it, then rerun; finished trials stay in it"
+
+
+_ARTIFACTS = sa.Table(
+    "fmsearch_artifacts",
+    sa.MetaData(),
+    sa.Column("artifact_id", sa.String(64), primary_key=True),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+)
+
+
+class DatabaseArtifactStore:
+    """An Optuna artifact store in the study storage's own database (table fmsearch_artifacts).
+
+    Weights and figures live where the trials live: every worker, the report and the dashboard
+    read them through the storage URL, on any machine. Optuna links an artifact to its study or
+    trial by a system attribute, which copy_study keeps, so an archived study keeps its weights.
+    """
+
+    def __init__(self, storage: RDBStorage):
+        self.engine = storage.engine
+        try:
+            _ARTIFACTS.create(self.engine, checkfirst=True)
+        except sa.exc.SQLAlchemyError:  # another worker created it at the same moment
+            if not sa.inspect(self.engine).has_table(_ARTIFACTS.name):
+                raise
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                sa.select(_ARTIFACTS.c.body).where(_ARTIFACTS.c.artifact_id == artifact_id)
+            ).first()
+        if row is None:
+            raise ArtifactNotFound(f"artifact {artifact_id} is not in the storage")
+        return io.BytesIO(row[0])
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        body = content_body.read()
+        with self.engine.begin() as connection:
+            where = _ARTIFACTS.c.artifact_id == artifact_id
+            if connection.execute(sa.update(_ARTIFACTS).where(where).values(body=body)).rowcount == 0:
+                connection.execute(sa.insert(_ARTIFACTS).values(artifact_id=artifact_id, body=body))
+
+    def remove(self, artifact_id: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(sa.delete(_ARTIFACTS).where(_ARTIFACTS.c.artifact_id == artifact_id))
+
+
+class Gate:
+    """Serializes 'count a study's finished trials, then start one' among all its workers.
+
+    Every worker of every command, on any machine, takes it, so together they stop at N trials.
+    PostgreSQL: an advisory lock, which the server drops when a killed worker's connection goes.
+    SQLite (one machine): an flock on a file beside the database, which the kernel drops likewise.
+    """
+
+    def __init__(self, rdb: RDBStorage):
+        self.engine = rdb.engine
+        self.backend = rdb.engine.url.get_backend_name()
+        self._held: Any = None
+
+    def acquire(self, study_name: str) -> None:
+        if self.backend == "postgresql":
+            key = int.from_bytes(hashlib.sha1(study_name.encode()).digest()[:8], "big", signed=True)
+            connection = self.engine.connect()
+            connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            connection.commit()
+            self._held = (connection, key)
+        elif self.backend == "sqlite" and self.engine.url.database:
+            handle = open(f"{self.engine.url.database}.gate", "a")  # noqa: SIM115 (held until release)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._held = handle
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        if self.backend == "postgresql":
+            connection, key = held
+            try:
+                connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                connection.commit()
+            finally:
+                connection.close()
+        else:
+            fcntl.flock(held, fcntl.LOCK_UN)
+            held.close()
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Have `write` fill a temporary file beside `path`, then rename it into place.
+
+    A reader sees the old file or the new one, never half of one; a failed write leaves no debris.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        write(partial)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def write_bytes_atomic(path: Path, body: bytes) -> Path:
+    return write_atomic(path, lambda partial: partial.write_bytes(body))
