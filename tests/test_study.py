@@ -405,8 +405,8 @@ def test_a_trial_that_raises_is_recorded_with_its_log_and_the_study_goes_on(tmp_
         assert trial.state == TrialState.FAIL and trial.params["labeled_count"] == 995
         log = study.trial_log_path(run.options.results_dir, "crash/labels=100%", trial.number)
         assert trial.user_attrs["error"] == (
-            "ValueError: a stratified pick needs at least 10 labeled and unlabeled samples "
-            f"(traceback in {log})"
+            "ConfigError: a stratified pick of 995 of 1000 needs at least 10 labeled and 10 unlabeled "
+            f"samples: change the labeled count or fraction (traceback in {log})"
         )
         assert "Traceback" in log.read_text() and "select_labeled" in log.read_text()
     assert sum(storage.is_finished(t) for t in trials) == 3  # crashes don't count; the study went on
