@@ -246,10 +246,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"device {device}, {result.labeled_count} labeled images, stopped: {result.stop_reason}, "
         f"best epoch {result.best_epoch} (val_accuracy {result.best['val_accuracy']:.4f})"
     )
-    print(f"test_loss {test.loss:.4f}  test_accuracy {test.accuracy:.4f}")
     by_monitor = engine.score_by_monitor(result, splits, config)
-    for monitor, record in by_monitor.items():
+    for monitor, record in by_monitor.items():  # to compare the rules; the run keeps config.monitor's
         print(f"  best epoch by {monitor}: {record['epoch']}, test_accuracy {record['test_accuracy']:.4f}")
+    print(f"test_loss {test.loss:.4f}  test_accuracy {test.accuracy:.4f}")
     if args.json:
         record = {
             "config": asdict(config),
