@@ -164,7 +164,7 @@ def _alive(pid: int) -> bool:
 def test_a_study_killed_mid_trial_then_rerun_ends_with_exactly_n_per_condition(tmp_path):
     text = study_text(trials=3, max_epochs=12)
     script = WORKER_SCRIPT.format(repo=str(Path.cwd()), folder=str(tmp_path), text=text, jobs=2)
-    storage = f"sqlite:///{tmp_path}/studies.db"
+    url = f"sqlite:///{tmp_path}/studies.db"
     name = "killed/labels=100%"
     process = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -177,7 +177,7 @@ def test_a_study_killed_mid_trial_then_rerun_ends_with_exactly_n_per_condition(t
                 f"the study ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
             )
         try:
-            running = [t for t in trials_of(storage, name) if t.state == TrialState.RUNNING]
+            running = [t for t in trials_of(url, name) if t.state == TrialState.RUNNING]
         except (KeyError, OperationalError):  # the study or its schema does not exist yet
             continue
         if any(len(t.intermediate_values) >= 2 for t in running):
@@ -189,11 +189,11 @@ def test_a_study_killed_mid_trial_then_rerun_ends_with_exactly_n_per_condition(t
     while any(map(_alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(map(_alive, workers)), "worker processes outlived their killed parent"
-    assert any(t.state == TrialState.RUNNING for t in trials_of(storage, name))
+    assert any(t.state == TrialState.RUNNING for t in trials_of(url, name))
 
     rerun = WORKER_SCRIPT.format(repo=str(Path.cwd()), folder=str(tmp_path), text=text, jobs=1)
     subprocess.run([sys.executable, "-c", rerun], check=True, capture_output=True, timeout=300)
-    trials = trials_of(storage, name)
+    trials = trials_of(url, name)
     assert sum(storage.is_finished(t) for t in trials) == 3
     assert not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
     stale = [t for t in trials if t.state == TrialState.FAIL]
@@ -420,6 +420,6 @@ def test_a_worker_stops_after_three_crashes_in_a_row_and_a_rerun_adds_at_most_th
         message = str(stopped.value)
         assert "\n" not in message
         assert message.startswith("3 trials in a row raised an error, last broken/labels=100% #")
-        assert "ValueError: a stratified pick needs" in message and "fix the cause, then rerun" in message
+        assert "ConfigError: a stratified pick of 995" in message and "fix the cause, then rerun" in message
         trials = trials_of(f"sqlite:///{tmp_path}/studies.db", "broken/labels=100%")
         assert len(trials) == 3 * run and all(t.state == TrialState.FAIL for t in trials)
