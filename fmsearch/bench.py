@@ -7,6 +7,9 @@ flatters the reference). Both train the same model with Adam on the same images 
 for one epoch per repeat; every repeat runs each contender once, so drift in the machine hits all of
 them. A warm-up run of each keeps allocation and compile time out. Validation is not in the training
 timings: evaluation is timed on its own, against the assignment's evaluation loop.
+
+fmsearch runs as a study does: with the settings chosen for this machine (speed.choose), and as
+float32 with every speed setting off, so the report shows what the choice is worth.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -29,10 +31,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from fmsearch import data, engine
+from fmsearch import data, engine, speed
 from fmsearch.models import ARCHITECTURES, build_model
 
-OPTIONS = ("amp", "channels_last", "compile")  # TrainConfig switches timed one at a time
+FLOAT32 = {"amp": False, "channels_last": False, "compile": False}  # every speed setting off
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,9 @@ class BenchConfig:
     batch_size: int = 64  # the assignment's
     repeats: int = 3  # timed epochs per contender; the median and the spread are reported
     pool_limit: int | None = None  # images per epoch; None: the whole 50,000-image pool
-    options: tuple[str, ...] = OPTIONS  # fmsearch is also timed with each of these on
-    threads: tuple[int, ...] = ()  # torch CPU thread counts to time every contender at; (): as set now
-    eval_batch_sizes: tuple[int, ...] = (2048, 10_000)  # engine.evaluate batch sizes to time
+    options: tuple[str, ...] = ()  # fmsearch float32 is also timed with each of these forced on
+    threads: tuple[int, ...] = ()  # torch CPU thread counts to time every contender at; (): the chosen
+    eval_batch_sizes: tuple[int, ...] = ()  # engine.evaluate batch sizes to time besides the chosen one
 
 
 @dataclass
@@ -79,6 +81,8 @@ class BenchReport:
     evaluation: list[Timing]
     flops_per_image: dict[str, dict[str, float]]  # arch -> {"forward", "train_step"}
     matmul_flops_per_second: dict[int, float]  # threads -> measured float32 matmul rate, a ceiling
+    bf16_matmul_flops_per_second: dict[int, float]  # threads -> the same in bf16
+    chosen: speed.Execution  # what fmsearch's defaults are on this machine
 
     def as_json(self) -> dict:
         def rows(timings: list[Timing]) -> list[dict]:
@@ -89,18 +93,25 @@ class BenchReport:
                     "spread": t.spread,
                     "flops_per_second": t.flops_per_second,
                     "share_of_matmul_rate": t.flops_per_second / self.matmul_flops_per_second[t.threads],
+                    "share_of_bf16_matmul_rate": t.flops_per_second
+                    / self.bf16_matmul_flops_per_second[t.threads],
                 }
                 for t in timings
             ]
 
         return {
             "device": self.device,
+            "cpu": speed.cpu_name(),
+            "cpu_flags": speed.cpu_flags(),
+            "cores": os.cpu_count(),
             "torch": self.torch_version,
+            "chosen": self.chosen.record(),
             "config": asdict(self.config),
             "training": rows(self.training),
             "evaluation": rows(self.evaluation),
             "flops_per_image": self.flops_per_image,
             "matmul_flops_per_second": self.matmul_flops_per_second,
+            "bf16_matmul_flops_per_second": self.bf16_matmul_flops_per_second,
         }
 
 
@@ -112,14 +123,8 @@ class Workload:
 
 
 def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    """'AMD EPYC, 2 cores': the CPU's model name and core count."""
+    return f"{speed.cpu_name()}, {os.cpu_count()} cores"
 
 
 def _sync(device: torch.device) -> None:
@@ -197,14 +202,12 @@ def assignment_evaluation(arch: str, dataset: Subset, device: torch.device) -> t
     return len(dataset) / (time.perf_counter() - started), correct / len(dataset)
 
 
-def fmsearch_evaluation(arch: str, splits: data.Splits, batch_size: int) -> tuple[float, float]:
-    """engine.evaluate over the validation split at `batch_size`; (images per second, accuracy)."""
+def fmsearch_evaluation(arch: str, splits: data.Splits, execution: speed.Execution) -> tuple[float, float]:
+    """engine.evaluate over the validation split, as `execution` runs it; (images per second, accuracy)."""
     model = build_model(arch, 0.25).to(splits.val_images.device)
     _sync(splits.val_images.device)
     started = time.perf_counter()
-    scored = engine.evaluate(
-        model, splits.val_images, splits.val_labels, splits.normalize, batch_size=batch_size
-    )
+    scored = engine.evaluate(model, splits.val_images, splits.val_labels, splits.normalize, execution)
     return len(splits.val_labels) / (time.perf_counter() - started), scored.accuracy
 
 
@@ -223,9 +226,12 @@ def flops_per_image(arch: str, batch: int = 64) -> dict[str, float]:
     return {"forward": forward.get_total_flops() / batch, "train_step": step.get_total_flops() / batch}
 
 
-def matmul_flops_per_second(device: torch.device, size: int = 1024, repeats: int = 8) -> float:
-    """Measured float32 matrix-multiply rate: a practical ceiling for this device and thread count."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+def matmul_flops_per_second(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 8
+) -> float:
+    """Measured matrix-multiply rate in `dtype`: a practical ceiling for this device and thread count."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
     _sync(device)
     started = time.perf_counter()
@@ -256,31 +262,43 @@ def _time(contenders: dict[tuple[str, int, float], Measure], repeats: int) -> li
 
 
 def run(config: BenchConfig, device: torch.device, data_config: data.DataConfig | None = None) -> BenchReport:
-    """Time the reference and fmsearch, alone and with each option, at each thread count."""
+    """Time the reference, fmsearch's defaults, fmsearch float32 and each option, at each thread count."""
     work = load(config, device, data_config)
+    chosen = speed.choose(str(device))
     base = engine.TrainConfig(arch=config.arch, batch_size=config.batch_size)
     flops = {arch: flops_per_image(arch) for arch in sorted(ARCHITECTURES)}
     step, forward = flops[config.arch]["train_step"], flops[config.arch]["forward"]
     training: dict[tuple[str, int, float], Measure] = {}
     evaluation: dict[tuple[str, int, float], Measure] = {}
-    thread_counts = config.threads or (torch.get_num_threads(),)
-    for threads in thread_counts:
+    for threads in config.threads or (chosen.threads,):
+        # A thread count asked for is forced on fmsearch too; otherwise it runs at the chosen count.
+        defaults = replace(base, threads=threads) if config.threads else base
+        float32 = replace(defaults, **FLOAT32)
+        variants = {"fmsearch defaults": defaults, "fmsearch float32": float32} | {
+            f"fmsearch +{option}": replace(float32, **{option: True}) for option in config.options
+        }
         training["assignment loop", threads, step] = lambda: assignment_epoch(config, work.reference, device)
-        training["fmsearch", threads, step] = lambda: fmsearch_epoch(work.splits, base)
-        for option in config.options:
-            variant = replace(base, **{option: True})
-            training[f"fmsearch +{option}", threads, step] = lambda v=variant: fmsearch_epoch(work.splits, v)
+        for name, variant in variants.items():
+            training[name, threads, step] = lambda v=variant: fmsearch_epoch(work.splits, v)
         evaluation["assignment evaluation", threads, forward] = lambda: assignment_evaluation(
             config.arch, work.reference_val, device
         )
-        for size in config.eval_batch_sizes:
-            evaluation[f"evaluate batch {size}", threads, forward] = lambda s=size: fmsearch_evaluation(
-                config.arch, work.splits, s
+        settled = speed.settle(defaults, device)
+        runs = {f"evaluate defaults (batch {settled.eval_batch_size})": settled}
+        runs |= {f"evaluate float32 batch {settled.eval_batch_size}": speed.settle(float32, device)}
+        runs |= {
+            f"evaluate defaults, batch {size}": replace(settled, eval_batch_size=size)
+            for size in config.eval_batch_sizes
+        }
+        for name, execution in runs.items():
+            evaluation[name, threads, forward] = lambda e=execution: fmsearch_evaluation(
+                config.arch, work.splits, e
             )
-    matmul = {}
-    for threads in thread_counts:
+    matmul, bf16_matmul = {}, {}
+    for threads in config.threads or (chosen.threads,):
         with _threads(threads):
             matmul[threads] = matmul_flops_per_second(device)
+            bf16_matmul[threads] = matmul_flops_per_second(device, torch.bfloat16)
     return BenchReport(
         device=str(device),
         torch_version=torch.__version__,
@@ -289,6 +307,8 @@ def run(config: BenchConfig, device: torch.device, data_config: data.DataConfig 
         evaluation=_time(evaluation, config.repeats),
         flops_per_image=flops,
         matmul_flops_per_second=matmul,
+        bf16_matmul_flops_per_second=bf16_matmul,
+        chosen=chosen,
     )
 
 

@@ -21,6 +21,7 @@ RESULTS_DIR = Path("results")
 DEFAULT_STORAGE = f"sqlite:///{RESULTS_DIR}/studies.db"
 STORAGE_HELP = f"Optuna storage URL (default ${storage.ENV_URL}, else {storage.DEFAULT_URL})"
 OS_FAULTS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+DEVICE = re.compile(r"cpu|mps|cuda(:[0-9]+)?")  # what torch.device accepts of the devices fmsearch runs on
 REPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(@archived-[0-9]{8}T[0-9]{6}Z)?")
 
 
@@ -116,7 +117,7 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 
 
 def _options(text: str) -> tuple[str, ...]:
-    from fmsearch.bench import OPTIONS
+    from fmsearch.config import SWITCHES as OPTIONS
 
     chosen = () if text == "none" else tuple(text.split(","))
     unknown = [option for option in chosen if option not in OPTIONS]
@@ -135,13 +136,9 @@ def _port(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    """A device name torch can parse (cpu, cuda, cuda:1, mps); whether it exists is checked later."""
-    import torch
-
-    try:
-        torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda, cuda:N or mps") from None
+    """A device name (cpu, cuda, cuda:1, mps); whether it exists is checked later."""
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda, cuda:N or mps")
     return text
 
 
@@ -191,14 +188,14 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def train_config(args: argparse.Namespace):
-    """The engine.TrainConfig that `fmsearch train`'s flags ask for; an unset flag keeps its default."""
-    from fmsearch import engine
+    """The TrainConfig that `fmsearch train`'s flags ask for; an unset flag keeps its default."""
+    from fmsearch.config import TrainConfig
 
-    config_names = {f.name for f in fields(engine.TrainConfig)}
+    config_names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in config_names and v is not None}
     if args.no_patience:
         values["patience"] = None
-    return engine.TrainConfig(**values)
+    return TrainConfig(**values)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -240,8 +237,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         bar.close()
     print_history(result.history)
     test = engine.evaluate(
-        result.model, splits.test_images, splits.test_labels, splits.normalize, amp=config.amp
+        result.model, splits.test_images, splits.test_labels, splits.normalize, result.execution
     )
+    print(f"execution: {describe_execution(result.execution)}")
     print(
         f"device {device}, {result.labeled_count} labeled images, stopped: {result.stop_reason}, "
         f"best epoch {result.best_epoch} (val_accuracy {result.best['val_accuracy']:.4f})"
@@ -254,6 +252,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         record = {
             "config": asdict(config),
             "device": str(device),
+            "execution": result.execution.record(),
             "history": result.history,
             "best_epoch": result.best_epoch,
             "stop_reason": result.stop_reason,
@@ -273,6 +272,14 @@ def cmd_train(args: argparse.Namespace) -> None:
                 "target_accuracy": team.target_accuracy,
             }
         _write_json(Path(args.json), record | {"finished": True})
+
+
+def describe_execution(run) -> str:
+    """'bf16 off, channels_last on, compile off, eval batch 256, 2 threads (cache ...)'."""
+    switches = ", ".join(
+        f"{name} {'on' if getattr(run, name) else 'off'}" for name in ("amp", "channels_last", "compile")
+    )
+    return f"{switches}, eval batch {run.eval_batch_size}, {run.threads} threads ({run.source})"
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -304,9 +311,16 @@ def cmd_study(args: argparse.Namespace) -> None:
     print(f"study {study_spec.name}: {study_spec.description}")
     print(f"storage {storage.mask(options.storage)}; watch it live with `make dashboard`")
     print(
-        f"cost: at most {plan.conditions} conditions x {plan.trials} trials x {plan.max_epochs} epochs "
-        f"x {plan.epoch_seconds:.1f} s/epoch on {plan.device} = {_duration(plan.max_seconds)} "
-        f"(pruning and early stopping cut this); smaller: --trials, --epochs, or STUDY=smoke"
+        f"cost: at most {len(plan.conditions)} conditions x {plan.trials} trials x {plan.max_epochs} epochs, "
+        f"each epoch timed here ({describe_execution(plan.execution)}):"
+    )
+    for cost in plan.conditions:
+        epochs = ", ".join(f"{name} {seconds:.1f}" for name, seconds in cost.epoch_seconds.items())
+        teachers = f"; teachers {_duration(cost.teacher_seconds)}" if cost.teacher_seconds else ""
+        print(f"  {cost.study_name}: s/epoch {epochs}{teachers}")
+    print(
+        f"  = {_duration(plan.max_seconds)} at most (pruning, early stopping and cached teachers cut this); "
+        "smaller: --trials, --epochs, or STUDY=smoke"
     )
     summaries = study.run(study_spec, options, ConsoleReporter, splits)
     for summary in summaries:
@@ -382,6 +396,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         f"after a warm-up, on {device} ({bench.cpu_name()}), torch {torch.__version__}"
     )
     report = bench.run(config, device)
+    print(f"fmsearch defaults on this machine: {describe_execution(report.chosen)}")
     _print_timings("training", report.training, "the assignment's loop")
     _print_timings("evaluation", report.evaluation, "the assignment's evaluation loop")
     for arch, flops in report.flops_per_image.items():
@@ -391,11 +406,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         )
     for threads, rate in report.matmul_flops_per_second.items():
         best = max(t.flops_per_second for t in report.training if t.threads == threads)
+        bf16 = report.bf16_matmul_flops_per_second[threads]
         print(
-            f"float32 matmul on {threads} threads: {rate / 1e9:.1f} GFLOP/s; "
-            f"the fastest training contender reaches {best / rate:.1%} of it"
+            f"matmul on {threads} threads: float32 {rate / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s; "
+            f"the fastest training contender reaches {best / rate:.1%} and {best / bf16:.1%} of them"
         )
-    record = {**report.as_json(), "cpu": bench.cpu_name(), "command": " ".join(sys.argv)}
+    record = {**report.as_json(), "command": " ".join(sys.argv)}
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.arch}-{device.type}"
     print(f"wrote {bench.save(record, RESULTS_DIR / 'bench', stem)}")
 
@@ -419,33 +435,35 @@ def _checked(declared) -> Callable[[str], Any]:
     return convert
 
 
+def _default_text(declared) -> str:
+    from fmsearch.config import SETTINGS
+
+    if declared.name in SETTINGS:
+        return "chosen by timing on this machine"
+    if declared.type is bool:
+        return "on" if declared.default else "off"
+    return "unset" if declared.default is None else str(declared.default)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, from its declaration: --batch-size, --no-debias, ..."""
-    from fmsearch import engine
+    from fmsearch.config import TrainConfig
     from fmsearch.params import parameters
 
-    for declared in parameters(engine.TrainConfig).values():
+    for declared in parameters(TrainConfig).values():
         flag = "--" + declared.name.replace("_", "-")
+        help = f"{declared.help} (default {_default_text(declared)})"
         if declared.type is bool:
-            default = "on" if declared.default else "off"
-            parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                help=f"{declared.help} (default {default})",
-            )
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         elif declared.choices:
-            parser.add_argument(
-                flag, choices=declared.choices, help=f"{declared.help} (default {declared.default})"
-            )
+            parser.add_argument(flag, choices=declared.choices, help=help)
         else:
-            default = "unset" if declared.default is None else declared.default
-            parser.add_argument(flag, type=_checked(declared), help=f"{declared.help} (default {default})")
+            parser.add_argument(flag, type=_checked(declared), help=help)
     parser.add_argument("--no-patience", action="store_true", help="never stop early")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fmsearch.bench import OPTIONS
-    from fmsearch.models import ARCHITECTURES
+    from fmsearch.config import ARCHITECTURE_NAMES, SWITCHES
 
     parser = Parser(
         prog="fmsearch",
@@ -483,9 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time fmsearch's training loop against the assignment's loop")
     p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-    p.add_argument(
-        "--arch", default="plain", choices=sorted(ARCHITECTURES), help="architecture (default plain)"
-    )
+    p.add_argument("--arch", default="plain", choices=ARCHITECTURE_NAMES, help="architecture (default plain)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="(default 64)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed epochs per contender (default 3)")
     p.add_argument(
@@ -494,21 +510,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--options",
         type=_options,
-        default=OPTIONS,
-        help=f"fmsearch is also timed with each of these on: comma-separated, or none "
-        f"(default {','.join(OPTIONS)})",
+        default=(),
+        help=f"fmsearch float32 is also timed with each of these forced on: comma-separated from "
+        f"{','.join(SWITCHES)} (default none)",
     )
     p.add_argument(
         "--threads",
         type=_positive_ints,
         default=(),
-        help="torch thread counts to time every contender at, e.g. 1,2 (default: torch's current count)",
+        help="torch thread counts to time every contender at, e.g. 1,2 (default: the count chosen here)",
     )
     p.add_argument(
         "--eval-batch-sizes",
         type=_positive_ints,
-        default=(2048, 10_000),
-        help="engine.evaluate batch sizes to time (default 2048,10000)",
+        default=(),
+        help="engine.evaluate batch sizes to time besides the chosen one, e.g. 2048,10000 (default none)",
     )
     p.set_defaults(func=cmd_bench)
 

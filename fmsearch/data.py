@@ -6,6 +6,7 @@ are normalized on the fly, on the device, with the training pool's mean and std.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -184,6 +185,14 @@ class Splits:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 28, 28) -> float32 (B, 1, 28, 28), standardized."""
         return ((images.unsqueeze(1).float() / 255.0) - self.mean) / self.std
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A short hash of the pool images and the validation split, computed once per Splits."""
+        h = hashlib.sha256()
+        for t in (self.train_images, self.val_images, self.val_labels):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 def split_indices(labels: torch.Tensor, config: DataConfig) -> tuple[np.ndarray, np.ndarray]:

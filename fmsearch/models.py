@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fmsearch.config import ARCHITECTURE_NAMES
 from fmsearch.errors import ConfigError
 
 
@@ -56,6 +57,7 @@ ARCHITECTURES: dict[str, Callable[[float], nn.Module]] = {
     "plain": PlainCNN,
     "adaptive": AdaptiveCNN,
 }
+assert sorted(ARCHITECTURES) == sorted(ARCHITECTURE_NAMES), "config.ARCHITECTURE_NAMES names each model"
 
 
 def build_model(arch: str, dropout: float) -> nn.Module:

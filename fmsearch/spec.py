@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fmsearch.engine import TrainConfig
+from fmsearch.config import TrainConfig
 from fmsearch.errors import FmsearchError
 from fmsearch.params import Param, param, parameters
 

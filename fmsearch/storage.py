@@ -54,6 +54,7 @@ class Attr:
     STOP_REASON = "stop_reason"
     BEST_EPOCH = "best_epoch"
     SECONDS = "seconds"
+    EXECUTION = "execution"  # speed.Execution: how the trial ran (chosen for its machine, or forced)
     ERROR = "error"
     SEED = "seed"
 

@@ -36,10 +36,10 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 from sklearn.metrics import confusion_matrix
 
-from fmsearch import data, engine, storage, teachers
+from fmsearch import data, engine, speed, storage, teachers
 from fmsearch.errors import FmsearchError
 from fmsearch.models import build_model
-from fmsearch.spec import StudySpec, is_semi, suggest
+from fmsearch.spec import Categorical, StudySpec, suggest
 from fmsearch.storage import CRASHED, DIVERGED, Attr, StorageError, is_finished
 
 MAX_CONSECUTIVE_CRASHES = 3  # a worker stops after this many trials in a row raised an error
@@ -403,6 +403,8 @@ class Objective:
         self.gate = gate
         self.study_name = study_name
         self.artifacts = artifacts
+        # Workers on one CPU split its cores; a thread count the study file fixes is kept.
+        self.thread_cap = max(1, (os.cpu_count() or 1) // options.jobs) if options.device == "cpu" else None
         device = splits.train_images.device
         self.meta = {
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -466,9 +468,11 @@ class Objective:
             return "pruned" if judged and trial.should_prune() else None
 
         subset = engine.make_subset(config, self.splits)
+        run = speed.settle(config, self.splits.train_images.device, thread_cap=self.thread_cap)
         team = None
         if config.unlabeled == "distill":
-            team = teachers.build(config, self.splits, subset, self.options.results_dir / "teachers")
+            folder = self.options.results_dir / "teachers"
+            team = teachers.build(config, self.splits, subset, folder, execution=run)
             cost = {"count": len(team.members), "seconds": team.seconds, "epochs": team.epochs}
             accuracy = {"val_accuracy": team.val_accuracy, "test_accuracy": team.test_accuracy}
             trial.set_user_attr("teachers", cost | accuracy)
@@ -480,6 +484,7 @@ class Objective:
                 teacher_probs=None if team is None else team.probs,
                 hooks=[report_and_prune],
                 progress=progress,
+                execution=run,
             )
         except engine.DivergenceError as error:
             trial.set_user_attr(Attr.STOP_REASON, DIVERGED)
@@ -491,6 +496,7 @@ class Objective:
             Attr.STOP_REASON: result.stop_reason,
             Attr.BEST_EPOCH: result.best_epoch,
             Attr.SECONDS: result.seconds,
+            Attr.EXECUTION: result.execution.record(),
             "images_per_second": statistics.median(h["images_per_second"] for h in result.history),
             "labeled_count": result.labeled_count,
         }
@@ -541,8 +547,6 @@ def work(
     """
     quiet_optuna()
     storage.quiet_background_faults()
-    if options.device == "cpu" and options.jobs > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.jobs))  # split the cores
     splits = splits if splits is not None else load_splits(spec, options)
     rdb = storage.open_storage(options.storage, options.heartbeat_interval, options.grace_period)
     artifacts = storage.DatabaseArtifactStore(rdb)
@@ -695,7 +699,8 @@ def evaluate_best(
     config = engine.TrainConfig(**best.user_attrs[Attr.CONFIG])
     model = build_model(config.arch, config.dropout).to(device)
     model.load_state_dict(torch.load(io.BytesIO(body), weights_only=True, map_location=device))
-    evaluation = engine.evaluate(model, splits.test_images, splits.test_labels, splits.normalize)
+    run = speed.settle(config, device)
+    evaluation = engine.evaluate(model, splits.test_images, splits.test_labels, splits.normalize, run)
     truth = splits.test_labels.cpu().numpy()
     matrix = confusion_matrix(truth, evaluation.predictions.numpy(), labels=list(range(len(data.CLASSES))))
     record = {
@@ -727,61 +732,83 @@ def summarize(study: optuna.Study) -> ConditionSummary:
     return summary
 
 
-def estimate_epoch_seconds(spec: StudySpec, splits: data.Splits, batch_size: int) -> float:
-    """Measured seconds for one epoch of the plain CNN on this device, an upper bound for the spec.
-
-    Times 12 training steps after 3 warm-up steps plus one validation pass; pseudo-label steps
-    cost about 1.4 labeled steps (a no-grad weak pass and a strong pass).
-    """
-    config = engine.TrainConfig(batch_size=batch_size)
-    model = build_model(config.arch, config.dropout).to(splits.train_images.device)
-    optimizer = torch.optim.Adam(model.parameters())
-    images, labels = splits.train_images[:batch_size], splits.train_labels[:batch_size]
-    device = images.device
-
-    def steps(n: int) -> None:
-        for _ in range(n):
-            loss = torch.nn.functional.cross_entropy(model(splits.normalize(images)), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    steps(3)
-    started = time.perf_counter()
-    steps(12)
-    step_seconds = (time.perf_counter() - started) / 12
-    started = time.perf_counter()
-    engine.evaluate(model, splits.val_images, splits.val_labels, splits.normalize)
-    val_seconds = time.perf_counter() - started
-    factor = 1.4 if any(is_semi({**spec.fixed, **c}) for c in spec.condition_list()) else 1.0
-    return len(splits.train_labels) / batch_size * step_seconds * factor + val_seconds
+def representatives(spec: StudySpec, condition: dict[str, Any]) -> list[engine.TrainConfig]:
+    """One config per unlabeled objective a condition's trials can use, through spec.suggest: each
+    categorical dimension at its first choice, each range at its middle (geometric where log)."""
+    values: dict[str, Any] = {}
+    for name, dimension in spec.space.items():
+        if isinstance(dimension, Categorical):
+            values[name] = dimension.choices[0]
+        else:
+            middle = (
+                (dimension.low * dimension.high) ** 0.5
+                if dimension.log
+                else (dimension.low + dimension.high) / 2
+            )
+            values[name] = round(middle) if dimension.integer else middle
+    unlabeled = spec.space.get("unlabeled")
+    objectives = unlabeled.choices if isinstance(unlabeled, Categorical) else (None,)
+    configs = []
+    for objective in objectives:
+        chosen = values if objective is None else {**values, "unlabeled": objective}
+        config = suggest(optuna.trial.FixedTrial(chosen), spec, condition)
+        if config not in configs:  # an objective that doesn't apply here gives the same config
+            configs.append(config)
+    return configs
 
 
 @dataclass
+class ConditionCost:
+    study_name: str
+    epoch_seconds: dict[str, float]  # unlabeled objective -> measured seconds of one epoch
+    teacher_seconds: float = 0.0  # training every teacher its trials can ask for, none cached
+
+
 @dataclass
 class Plan:
-    conditions: int
+    """What a study costs at most on this machine: every trial runs every epoch, no teacher is cached."""
+
     trials: int
     max_epochs: int
-    epoch_seconds: float
-    device: str
+    execution: speed.Execution
+    conditions: list[ConditionCost]
 
     @property
     def max_seconds(self) -> float:
-        return self.conditions * self.trials * self.max_epochs * self.epoch_seconds
+        return sum(
+            self.trials * self.max_epochs * max(c.epoch_seconds.values()) + c.teacher_seconds
+            for c in self.conditions
+        )
+
+
+def _teacher_seconds(
+    config: engine.TrainConfig, splits: data.Splits, run: speed.Execution, archs: int
+) -> float:
+    """Training `config.teachers` teachers for each of `archs` architectures, and their logits."""
+    cost = engine.time_epoch(teachers.recipe(config, 0), splits, run)
+    images = len(splits.train_labels) + len(splits.val_labels) + len(splits.test_labels)
+    logits = cost.validation * 2 * images / len(splits.val_labels)  # the image and its mirror
+    return archs * config.teachers * (config.teacher_epochs * cost.seconds + logits)
 
 
 def plan(spec: StudySpec, splits: data.Splits) -> Plan:
-    """Measure what the run costs at most; creates nothing."""
-    return Plan(
-        len(spec.condition_list()),
-        spec.trials,
-        spec.max_epochs,
-        estimate_epoch_seconds(spec, splits, spec.batch_size),
-        str(splits.train_images.device),
-    )
+    """Time one epoch of each condition's configs on the path `fit` runs, with this machine's settings.
+
+    Creates nothing; takes a few seconds per condition and objective.
+    """
+    conditions = []
+    arch = spec.space.get("arch")
+    archs = len(arch.choices) if isinstance(arch, Categorical) else 1
+    device = splits.train_images.device
+    for condition in spec.condition_list():
+        cost = ConditionCost(spec.study_name(condition), {})
+        for config in representatives(spec, condition):
+            run = speed.settle(config, device)
+            cost.epoch_seconds[config.unlabeled] = engine.time_epoch(config, splits, run).seconds
+            if config.unlabeled == "distill":
+                cost.teacher_seconds = _teacher_seconds(config, splits, run, archs)
+        conditions.append(cost)
+    return Plan(spec.trials, spec.max_epochs, speed.settle(engine.TrainConfig(), device), conditions)
 
 
 def run(

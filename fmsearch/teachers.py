@@ -5,7 +5,9 @@ Each teacher trains on the student's labeled subset with the strongest labels-on
 adaptive CNN it hurts). Teacher k uses seed `seed + 1000 * k`, so teacher 0 is the labels-only
 control of the same seed. A teacher is cached under a key of everything that determines it: the
 pool, validation and labeled images, its training config and its seed. Trials that share a subset
-share teachers; a changed key trains a new one.
+share teachers; a changed key trains a new one. An entry holds the teacher's logits, plain and
+mirrored, on the pool, the validation and the test images, so a trial that reuses it runs no model:
+its targets and its ensemble's scores are arithmetic on those logits.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from fmsearch.data import Splits
-from fmsearch.engine import TrainConfig, evaluate, fit, score_by_monitor
-from fmsearch.models import build_model
+from fmsearch.engine import TrainConfig, fit, score_by_monitor
 from fmsearch.semi import LabeledSubset
+from fmsearch.speed import SETTINGS, Execution, settle
 
 SEED_STRIDE = 1000  # teacher k's seed is the student's plus k times this
+CACHE_VERSION = 2  # 2: an entry holds the validation and test logits too; older entries are retrained
+SPLITS = ("pool", "val", "test")  # the images an entry holds logits for
 
 
 def recipe(config: TrainConfig, k: int) -> TrainConfig:
@@ -42,8 +46,6 @@ def recipe(config: TrainConfig, k: int) -> TrainConfig:
         schedule="cosine",
         patience=5,
         augment=config.arch == "plain",
-        amp=config.amp,
-        channels_last=config.channels_last,
     )
 
 
@@ -55,9 +57,13 @@ def _digest(*tensors: torch.Tensor) -> str:
 
 
 def cache_key(teacher: TrainConfig, splits: Splits, subset: LabeledSubset) -> str:
-    """A name for everything that determines a teacher's weights."""
-    data = _digest(splits.train_images, splits.val_images, splits.val_labels, subset.targets)
-    text = json.dumps({"config": asdict(teacher), "data": data}, sort_keys=True)
+    """A name for everything that determines a teacher's weights.
+
+    How it executes (speed.SETTINGS) is left out: it changes the speed, not what is learned.
+    """
+    data = f"{splits.digest}-{_digest(subset.targets)}"
+    config = {k: v for k, v in asdict(teacher).items() if k not in SETTINGS}
+    text = json.dumps({"config": config, "data": data, "version": CACHE_VERSION}, sort_keys=True)
     return f"{teacher.arch}-seed{teacher.seed}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
@@ -81,24 +87,35 @@ class Teachers:
         return sum(m["epochs"] for m in self.members)
 
 
-def _logits(model: torch.nn.Module, images: torch.Tensor, splits: Splits, tta: bool) -> torch.Tensor:
-    """(2 or 1, N, C) logits of the image and, with tta, of its mirror."""
-    model.eval()
+def _logits(model: torch.nn.Module, images: torch.Tensor, splits: Splits, run: Execution) -> torch.Tensor:
+    """(2, N, C) float32 logits of each image and of its mirror."""
+    model = run.prepare(model).eval()
+    size = run.eval_batch_size
     views = []
-    with torch.inference_mode():
-        for flip in (False, True) if tta else (False,):
+    with run.threaded(), torch.inference_mode(), run.autocast():
+        for flip in (False, True):
             chunks = []
-            for start in range(0, len(images), 4096):
-                x = splits.normalize(images[start : start + 4096])
-                chunks.append(model(x.flip(-1) if flip else x).float())
+            for start in range(0, len(images), size):
+                x = splits.normalize(images[start : start + size])
+                chunks.append(model(run.layout(x.flip(-1) if flip else x)).float())
             views.append(torch.cat(chunks))
     return torch.stack(views)
 
 
+def _split_images(splits: Splits) -> dict[str, torch.Tensor]:
+    return {"pool": splits.train_images, "val": splits.val_images, "test": splits.test_images}
+
+
 def _train_or_load(
-    teacher: TrainConfig, splits: Splits, subset: LabeledSubset, folder: Path, log: Callable[[str], None]
-) -> tuple[dict, torch.Tensor]:
-    """The teacher's record and its (2, N, C) pool logits (image, mirror): from the cache or trained now."""
+    teacher: TrainConfig,
+    splits: Splits,
+    subset: LabeledSubset,
+    folder: Path,
+    log: Callable[[str], None],
+    run: Execution,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The teacher's record and its (2, N, C) logits (image, mirror) on each of SPLITS: from the
+    cache or trained now."""
     folder.mkdir(parents=True, exist_ok=True)
     name = cache_key(teacher, splits, subset)
     record_path, logits_path = folder / f"{name}.json", folder / f"{name}-logits.pt"
@@ -107,24 +124,27 @@ def _train_or_load(
         if record_path.exists() and logits_path.exists():
             log(f"teacher seed {teacher.seed}: from the cache ({record_path.name})")
             device = splits.train_images.device
-            return json.loads(record_path.read_text()), torch.load(logits_path, map_location=device)
+            logits = torch.load(logits_path, map_location=device, weights_only=True)
+            return json.loads(record_path.read_text()), logits
         log(f"teacher seed {teacher.seed}: training up to {teacher.epochs} epochs")
-        result = fit(teacher, splits, subset=subset)
-        test = evaluate(result.model, splits.test_images, splits.test_labels, splits.normalize)
-        logits = _logits(result.model, splits.train_images, splits, tta=True)
+        result = fit(teacher, splits, subset=subset, execution=run)
+        logits = {
+            name: _logits(result.model, images, splits, run) for name, images in _split_images(splits).items()
+        }
+        test_accuracy = float((logits["test"][0].argmax(1) == splits.test_labels).float().mean())
         record = {
             "seed": teacher.seed,
             "epochs": len(result.history),
             "best_epoch": result.best_epoch,
             "seconds": result.seconds,
             "val_accuracy": result.best["val_accuracy"],
-            "test_accuracy": test.accuracy,
+            "test_accuracy": test_accuracy,
             "by_monitor": score_by_monitor(result, splits, teacher),
             "config": asdict(teacher),
             "state": f"{name}.pt",
         }
         _atomic_save(result.best_state, folder / f"{name}.pt")
-        _atomic_save(logits.cpu(), logits_path)
+        _atomic_save({name: views.cpu() for name, views in logits.items()}, logits_path)
         partial = record_path.with_suffix(".json.partial")
         partial.write_text(json.dumps(record, indent=1))
         os.replace(partial, record_path)  # the record last: it marks the entry complete
@@ -148,30 +168,28 @@ def build(
     subset: LabeledSubset,
     cache_dir: Path,
     log: Callable[[str], None] = lambda _: None,
+    execution: Execution | None = None,
 ) -> Teachers:
-    """Train (or load) `config.teachers` teachers on `subset` and return their targets for the pool."""
-    members, pool_logits, eval_models, mirrors = [], [], [], []
+    """Train (or load) `config.teachers` teachers on `subset` and return their targets for the pool.
+
+    Teachers run as the student does: `execution`, default this machine's choice and what `config` forces.
+    """
+    run = execution or settle(config, splits.train_images.device)
+    members, views = [], []
     for k in range(config.teachers):
         teacher = recipe(config, k)
-        record, logits = _train_or_load(teacher, splits, subset, Path(cache_dir), log)
+        record, logits = _train_or_load(teacher, splits, subset, Path(cache_dir), log, run)
         members.append(
-            {key: record[key] for key in ("seed", "epochs", "best_epoch", "seconds")}
-            | {
-                "val_accuracy": record["val_accuracy"],
-                "test_accuracy": record["test_accuracy"],
+            {
+                key: record[key]
+                for key in ("seed", "epochs", "best_epoch", "seconds", "val_accuracy", "test_accuracy")
             }
         )
         # A teacher that never saw a flipped image can't read one: an adaptive teacher trained without
         # augmentation scored 0.62 on mirrored validation images against 0.876 on the images.
         mirror = config.tta and teacher.augment
-        pool_logits.append(logits if mirror else logits[:1])
-        mirrors.append(mirror)
-        model = build_model(teacher.arch, teacher.dropout).to(splits.train_images.device)
-        device = splits.train_images.device
-        state = torch.load(Path(cache_dir) / record["state"], map_location=device, weights_only=True)
-        model.load_state_dict(state)
-        eval_models.append(model)
-    probs = _ensemble(pool_logits, config.temperature)
+        views.append({name: v if mirror else v[:1] for name, v in logits.items()})
+    probs = _ensemble([v["pool"] for v in views], config.temperature)
     unlabeled = subset.unlabeled.to(probs.device)
     if config.align and len(unlabeled):
         # Distribution alignment: the pool is stratified, so its class mix is even.
@@ -180,9 +198,8 @@ def build(
         probs = probs / probs.sum(dim=1, keepdim=True)
     hidden = subset.hidden.to(probs.device)
 
-    def ensemble_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
-        views = [_logits(m, images, splits, mirror) for m, mirror in zip(eval_models, mirrors, strict=True)]
-        return float((_ensemble(views, 1.0).argmax(1) == labels).float().mean())
+    def ensemble_accuracy(split: str, labels: torch.Tensor) -> float:
+        return float((_ensemble([v[split] for v in views], 1.0).argmax(1) == labels).float().mean())
 
     target_accuracy = (
         float((probs[unlabeled].argmax(1) == hidden[unlabeled]).float().mean()) if len(unlabeled) else 1.0
@@ -190,7 +207,7 @@ def build(
     return Teachers(
         probs=probs,
         members=members,
-        val_accuracy=ensemble_accuracy(splits.val_images, splits.val_labels),
-        test_accuracy=ensemble_accuracy(splits.test_images, splits.test_labels),
+        val_accuracy=ensemble_accuracy("val", splits.val_labels),
+        test_accuracy=ensemble_accuracy("test", splits.test_labels),
         target_accuracy=target_accuracy,
     )

@@ -23,6 +23,9 @@ import torch
 from fmsearch import data
 
 REAL_ROOT = data.data_root().resolve()
+# The suite and the commands it starts share one choice of speed settings (speed.choose), measured once
+# into a folder of their own rather than the user's cache.
+os.environ["FMSEARCH_CACHE"] = tempfile.mkdtemp(prefix="fmsearch-cache-")
 
 
 def write_idx_images(path: Path, images: np.ndarray) -> None:

@@ -3,22 +3,25 @@ import json
 import pytest
 import torch
 
-from fmsearch import bench
+from fmsearch import bench, speed
 
 CPU = torch.device("cpu")
 
 
 def test_bench_times_the_assignment_loop_and_fmsearch_in_one_run(tiny, tmp_path):
     config = bench.BenchConfig(
-        repeats=2, pool_limit=600, options=("amp", "channels_last"), threads=(1,), eval_batch_sizes=(64, 500)
+        repeats=2, pool_limit=600, options=("channels_last",), threads=(1,), eval_batch_sizes=(64, 500)
     )
     report = bench.run(config, CPU, tiny.config())
     names = [t.name for t in report.training]
-    assert names == ["assignment loop", "fmsearch", "fmsearch +amp", "fmsearch +channels_last"]
+    assert names == ["assignment loop", "fmsearch defaults", "fmsearch float32", "fmsearch +channels_last"]
+    size = report.chosen.eval_batch_size
     assert [t.name for t in report.evaluation] == [
         "assignment evaluation",
-        "evaluate batch 64",
-        "evaluate batch 500",
+        f"evaluate defaults (batch {size})",
+        f"evaluate float32 batch {size}",
+        "evaluate defaults, batch 64",
+        "evaluate defaults, batch 500",
     ]
     for timings in (report.training, report.evaluation):
         reference = timings[0]
@@ -31,9 +34,10 @@ def test_bench_times_the_assignment_loop_and_fmsearch_in_one_run(tiny, tmp_path)
     assert report.training[1].flops_per_second == pytest.approx(
         report.flops_per_image["plain"]["train_step"] * report.training[1].median
     )
-    assert report.matmul_flops_per_second[1] > 0
+    assert report.matmul_flops_per_second[1] > 0 and report.bf16_matmul_flops_per_second[1] > 0
 
     record = report.as_json()
+    assert record["cpu_flags"] == speed.cpu_flags() and record["chosen"] == report.chosen.record()
     path = bench.save(record, tmp_path / "bench", "run")
     assert list(path.parent.iterdir()) == [path]  # written by rename: no temporary file is left
     assert json.loads(path.read_text()) == json.loads(json.dumps(record))

@@ -84,6 +84,27 @@ def test_train_prints_the_epoch_table_and_the_test_score(tmp_path):
 
 
 @needs_real_data
+def test_the_same_train_command_and_seed_give_the_same_numbers(tmp_path):
+    """The speed settings are chosen once per machine and kept, so a rerun repeats every number."""
+    runs = []
+    for name in ("first.json", "second.json"):
+        result = fmsearch(
+            "train", "--epochs", "2", "--pool-limit", "1000", "--device", "cpu", "--json", name, cwd=tmp_path
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "execution: " in result.stdout
+        runs.append(json.loads((tmp_path / name).read_text()))
+    timing = {"train_seconds", "epoch_seconds", "images_per_second"}
+    first, second = ([{k: v for k, v in h.items() if k not in timing} for h in r["history"]] for r in runs)
+    assert first == second and len(first) == 2
+    assert (
+        runs[0]["test_accuracy"] == runs[1]["test_accuracy"] and runs[0]["test_loss"] == runs[1]["test_loss"]
+    )
+    chosen = [{k: v for k, v in r["execution"].items() if k != "source"} for r in runs]
+    assert chosen[0] == chosen[1] and runs[1]["execution"]["source"].startswith("cache ")
+
+
+@needs_real_data
 @pytest.mark.slow
 def test_train_passes_the_semi_label_flags_through(tmp_path):
     flags = ["--labeled-fraction", "0.1", "--unlabeled", "pseudo", "--tau", "0.7", "--lambda-u", "2"]
