@@ -54,11 +54,29 @@ def test_cli_reports_corrupt_data_in_one_line_without_traceback(tmp_path):
     assert "corrupt" in lines[0] and "make data" in lines[0]
 
 
-def test_loads_uint8_images_through_torchvision(tiny):
+def test_loads_uint8_images_exactly_as_torchvision_reads_them(tiny):
+    from torchvision.datasets import FashionMNIST
+
     arrays = data.load(tiny.root, tiny.checksums)
-    assert arrays.train_images.dtype == torch.uint8
-    assert arrays.train_images.shape == (1200, 28, 28)
-    assert arrays.test_labels.shape == (300,)
+    assert arrays.train_images.dtype == torch.uint8 and arrays.train_labels.dtype == torch.int64
+    assert arrays.train_images.shape == (1200, 28, 28) and arrays.test_labels.shape == (300,)
+    for train, images, labels in (
+        (True, arrays.train_images, arrays.train_labels),
+        (False, arrays.test_images, arrays.test_labels),
+    ):
+        reference = FashionMNIST(str(tiny.root), train=train, download=False)
+        assert torch.equal(images, reference.data) and torch.equal(labels, reference.targets)
+    assert list(data.CLASSES) == FashionMNIST.classes
+
+
+def test_a_file_that_is_not_idx_is_named(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x0d\x03" + b"\x00" * 12)  # a float IDX header
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte is not an IDX file of unsigned bytes"):
+        data.read_idx(path)
+    path.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05abc")  # says 5 bytes, holds 3
+    with pytest.raises(ValueError, match="holds 3 bytes where its header says 5"):
+        data.read_idx(path)
 
 
 def test_validation_split_is_stratified_disjoint_and_deterministic(tiny):

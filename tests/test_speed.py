@@ -57,6 +57,23 @@ def test_an_unreadable_cache_file_is_measured_again(own_cache, monkeypatch):
     assert record["schema"] == speed.SCHEMA and record["choice"] == measured.record()
 
 
+def test_a_choice_measured_on_a_busy_cpu_is_measured_again_once_it_is_quiet(own_cache, monkeypatch):
+    first = speed.Execution("cpu", threads=1, source="measured")
+    second = speed.Execution("cpu", channels_last=True, threads=2, source="measured")
+    choices = iter([first, second])
+    monkeypatch.setattr(speed, "measure", lambda device: (next(choices), {}))
+    monkeypatch.setattr(speed, "busy", lambda: True)
+    assert speed.choose("cpu") == first
+    assert json.loads(speed.cache_path(CPU).read_text())["busy"]
+    speed.choose.cache_clear()
+    assert speed.choose("cpu").source.startswith("cache")  # still busy: the busy choice is kept
+    speed.choose.cache_clear()
+    monkeypatch.setattr(speed, "busy", lambda: False)
+    assert speed.choose("cpu") == second
+    speed.choose.cache_clear()
+    assert speed.choose("cpu").source.startswith("cache")  # a quiet choice is kept for good
+
+
 def test_a_setting_the_config_gives_is_forced_over_the_choice():
     config = engine.TrainConfig(amp=True, channels_last=False, eval_batch_size=77, threads=1)
     settled = speed.settle(config, CPU)
