@@ -174,16 +174,26 @@ def choose(device_name: str) -> Execution:
     return replace(choice, device=device_name)
 
 
-def busy() -> bool:
-    """Whether other work keeps the CPU busy: a 1-minute load average above half its cores.
+def busy(seconds: float = 0.25) -> bool:
+    """Whether other work keeps the CPU busy: more than half of it in use while this process sleeps.
 
     Under load, one thread timed faster than two here (AMD EPYC, 2 cores, 2026-12-02); on a quiet
-    CPU two were 1.4x faster.
+    CPU two were 1.4x faster. Where /proc/stat is missing, the CPU counts as quiet.
     """
     try:
-        return os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
-    except OSError:
+        before = _cpu_ticks()
+        time.sleep(seconds)
+        after = _cpu_ticks()
+    except (OSError, ValueError, IndexError):
         return False
+    total, idle = after[0] - before[0], after[1] - before[1]
+    return total > 0 and (total - idle) / total > 0.5
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(all, idle) CPU ticks since boot, from /proc/stat's first line; iowait counts as idle."""
+    ticks = [int(field) for field in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(ticks), ticks[3] + ticks[4]
 
 
 def settle(config: Any, device: torch.device, thread_cap: int | None = None) -> Execution:
