@@ -89,14 +89,14 @@ def test_the_same_train_command_and_seed_give_the_same_numbers(tmp_path):
     runs = []
     for name in ("first.json", "second.json"):
         result = fmsearch(
-            "train", "--epochs", "2", "--pool-limit", "1000", "--device", "cpu", "--json", name, cwd=tmp_path
+            "train", "--epochs", "1", "--pool-limit", "1000", "--device", "cpu", "--json", name, cwd=tmp_path
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert "execution: " in result.stdout
         runs.append(json.loads((tmp_path / name).read_text()))
     timing = {"train_seconds", "epoch_seconds", "images_per_second"}
     first, second = ([{k: v for k, v in h.items() if k not in timing} for h in r["history"]] for r in runs)
-    assert first == second and len(first) == 2
+    assert first == second and len(first) == 1
     assert (
         runs[0]["test_accuracy"] == runs[1]["test_accuracy"] and runs[0]["test_loss"] == runs[1]["test_loss"]
     )

@@ -33,3 +33,9 @@ def test_dropout_is_a_parameter():
 def test_unknown_architecture_is_refused_by_name():
     with pytest.raises(ValueError, match="unknown architecture 'resnet'.*adaptive.*plain"):
         build_model("resnet", 0.1)
+
+
+def test_the_command_line_knows_every_architecture_and_only_those():
+    from fmsearch.config import ARCHITECTURE_NAMES
+
+    assert sorted(ARCHITECTURE_NAMES) == sorted(ARCHITECTURES)
