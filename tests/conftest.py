@@ -91,6 +91,14 @@ def write_tiny_fashion_mnist(
     return TinyData(root, checksums)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def speed_choice():
+    """The suite's one timing of this machine's speed settings, before any test counts optimizer steps."""
+    from fmsearch import speed
+
+    return speed.choose("cpu")
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> TinyData:
     """A learnable 1,200/300-image dataset in Fashion-MNIST's IDX format (read-only: don't modify)."""
