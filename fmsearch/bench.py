@@ -32,9 +32,11 @@ from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
 from fmsearch import data, engine, speed
+from fmsearch.config import SWITCHES as OPTIONS  # each timed alone on float32
 from fmsearch.models import ARCHITECTURES, build_model
+from fmsearch.speed import sync
 
-FLOAT32 = {"amp": False, "channels_last": False, "compile": False}  # every speed setting off
+FLOAT32 = dict.fromkeys(OPTIONS, False)  # every speed switch off
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,6 @@ def cpu_name() -> str:
     return f"{speed.cpu_name()}, {os.cpu_count()} cores"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextlib.contextmanager
 def _threads(count: int) -> Iterator[None]:
     before = torch.get_num_threads()
@@ -164,7 +161,7 @@ def assignment_epoch(config: BenchConfig, dataset: Subset, device: torch.device)
     criterion = nn.CrossEntropyLoss()
     model.train()
     train_loss, correct = 0.0, 0
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
@@ -175,7 +172,7 @@ def assignment_epoch(config: BenchConfig, dataset: Subset, device: torch.device)
         optimizer.step()
         train_loss += loss.item()  # the assignment's two host syncs per batch
         correct += (outputs.argmax(dim=1) == labels).sum().item()
-    _sync(device)
+    sync(device)
     return len(dataset) / (time.perf_counter() - started), correct / len(dataset)
 
 
@@ -190,7 +187,7 @@ def assignment_evaluation(arch: str, dataset: Subset, device: torch.device) -> t
     model = build_model(arch, 0.25).to(device).eval()
     loader = DataLoader(dataset, batch_size=64, shuffle=False)
     loss_sum, correct = 0.0, 0
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     with torch.no_grad():
         for images, labels in loader:
@@ -198,14 +195,14 @@ def assignment_evaluation(arch: str, dataset: Subset, device: torch.device) -> t
             outputs = model(images)
             loss_sum += F.cross_entropy(outputs, labels).item()
             correct += (outputs.argmax(dim=1) == labels).sum().item()
-    _sync(device)
+    sync(device)
     return len(dataset) / (time.perf_counter() - started), correct / len(dataset)
 
 
 def fmsearch_evaluation(arch: str, splits: data.Splits, execution: speed.Execution) -> tuple[float, float]:
     """engine.evaluate over the validation split, as `execution` runs it; (images per second, accuracy)."""
     model = build_model(arch, 0.25).to(splits.val_images.device)
-    _sync(splits.val_images.device)
+    sync(splits.val_images.device)
     started = time.perf_counter()
     scored = engine.evaluate(model, splits.val_images, splits.val_labels, splits.normalize, execution)
     return len(splits.val_labels) / (time.perf_counter() - started), scored.accuracy
@@ -233,11 +230,11 @@ def matmul_flops_per_second(
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 

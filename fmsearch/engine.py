@@ -32,7 +32,7 @@ from fmsearch.semi import (
     select_labeled,
     weak_augment,
 )
-from fmsearch.speed import Execution, settle
+from fmsearch.speed import Execution, settle, sync
 
 # Steps between divergence checks. On a GPU each check is a host-device sync; on the CPU it costs nothing
 # measurable (a 10,000-image epoch: 5.9 s checking every step, 6.7 s every 16th; AMD EPYC AVX2, 2026-12-02).
@@ -188,11 +188,6 @@ class FitResult:
                 )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
@@ -315,7 +310,7 @@ class _Training:
                 raise DivergenceError(epoch, self.step)
         if self.scheduler is not None:
             self.scheduler.step()
-        _sync(self.device)
+        sync(self.device)
         train_seconds = time.perf_counter() - started
         labeled_seen, unlabeled_seen = seen[True], seen[False]
         labeled_loss_sum, correct, unlabeled_loss_sum = sums.tolist()  # the epoch's one sync
@@ -462,11 +457,11 @@ def time_epoch(
             warm, timed = (kind[:2], kind[2:]) if len(kind) > 2 else ([], kind)
             for batch in warm:
                 run.train_step(batch, sums)
-            _sync(run.device)
+            sync(run.device)
             started = time.perf_counter()
             for batch in timed:
                 run.train_step(batch, sums)
-            _sync(run.device)
+            sync(run.device)
             if timed:
                 seconds[labeled] = (time.perf_counter() - started) / len(timed) * counts[labeled]
         started = time.perf_counter()

@@ -212,7 +212,8 @@ def settle(config: Any, device: torch.device, thread_cap: int | None = None) -> 
     return settled
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer reads what it did (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -242,7 +243,7 @@ class _Steps:
         """Wall seconds of `steps` training steps at batch 64."""
         run = self.execution
         with run.threaded():
-            _sync(self.device)
+            sync(self.device)
             started = time.perf_counter()
             for chunk in torch.arange(len(self.labels), device=self.device).split(TRAIN_BATCH):
                 with run.autocast():
@@ -252,7 +253,7 @@ class _Steps:
                 loss.backward()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            _sync(self.device)
+            sync(self.device)
             return time.perf_counter() - started
 
 
@@ -294,11 +295,11 @@ def eval_rates(
         rates: dict[int, list[float]] = {size: [] for size in sizes}
         for round_ in range(rounds + 1):
             for size in sizes:
-                _sync(device)
+                sync(device)
                 started = time.perf_counter()
                 for start in range(0, count, size):
                     model(_normalized(images[start : start + size], execution)).argmax(1)
-                _sync(device)
+                sync(device)
                 if round_:  # round 0 warms up
                     rates[size].append(count / (time.perf_counter() - started))
     return {size: statistics.median(r) for size, r in rates.items()}
