@@ -188,6 +188,24 @@ class FitResult:
                 )
 
 
+def logits_of(
+    model: nn.Module,
+    images: torch.Tensor,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+    execution: Execution | None = None,
+) -> torch.Tensor:
+    """(N, C) float32 logits of uint8 images on the model's device, in batches as `execution` runs
+    them (default: this machine's choice): its batch size, memory format, precision and threads."""
+    run = execution or settle(TrainConfig(), images.device)
+    model = run.prepare(model).eval()
+    size = run.eval_batch_size
+    with run.threaded(), torch.inference_mode(), run.autocast():
+        batches = [
+            model(run.layout(normalize(images[s : s + size]))).float() for s in range(0, len(images), size)
+        ]
+    return torch.cat(batches)
+
+
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
@@ -195,23 +213,11 @@ def evaluate(
     normalize: Callable[[torch.Tensor], torch.Tensor],
     execution: Execution | None = None,
 ) -> Evaluation:
-    """Score `model` on uint8 images and labels already on its device.
-
-    `execution` gives the batch size, memory format and precision (default: this machine's choice).
-    """
-    device = images.device
-    run = execution or settle(TrainConfig(), device)
-    model = run.prepare(model).eval()
-    size = run.eval_batch_size
-    loss_sum = torch.zeros((), device=device)
-    predictions = torch.empty(len(labels), dtype=torch.long, device=device)
-    with run.threaded(), torch.inference_mode(), run.autocast():
-        for start in range(0, len(labels), size):
-            logits = model(run.layout(normalize(images[start : start + size]))).float()
-            loss_sum += F.cross_entropy(logits, labels[start : start + size], reduction="sum")
-            predictions[start : start + size] = logits.argmax(dim=1)
-    correct = (predictions == labels).sum()
-    loss, correct = torch.stack([loss_sum, correct.float()]).tolist()  # one sync
+    """Score `model` on uint8 images and labels already on its device (see logits_of)."""
+    logits = logits_of(model, images, normalize, execution)
+    predictions = logits.argmax(dim=1)
+    loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+    loss, correct = torch.stack([loss_sum, (predictions == labels).sum().float()]).tolist()  # one sync
     return Evaluation(loss / len(labels), correct / len(labels), predictions.cpu())
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fmsearch.data import Splits
-from fmsearch.engine import TrainConfig, fit, score_by_monitor
+from fmsearch.engine import TrainConfig, fit, logits_of, score_by_monitor
 from fmsearch.semi import LabeledSubset
 from fmsearch.speed import SETTINGS, Execution, settle
 
@@ -89,17 +89,11 @@ class Teachers:
 
 def _logits(model: torch.nn.Module, images: torch.Tensor, splits: Splits, run: Execution) -> torch.Tensor:
     """(2, N, C) float32 logits of each image and of its mirror."""
-    model = run.prepare(model).eval()
-    size = run.eval_batch_size
-    views = []
-    with run.threaded(), torch.inference_mode(), run.autocast():
-        for flip in (False, True):
-            chunks = []
-            for start in range(0, len(images), size):
-                x = splits.normalize(images[start : start + size])
-                chunks.append(model(run.layout(x.flip(-1) if flip else x)).float())
-            views.append(torch.cat(chunks))
-    return torch.stack(views)
+
+    def mirrored(x: torch.Tensor) -> torch.Tensor:
+        return splits.normalize(x).flip(-1)
+
+    return torch.stack([logits_of(model, images, view, run) for view in (splits.normalize, mirrored)])
 
 
 def _split_images(splits: Splits) -> dict[str, torch.Tensor]:
