@@ -57,7 +57,7 @@ postgres: ## install Debian's PostgreSQL server for the multi-machine tests (whe
 	fi
 
 test: data browser postgres ## run the test suite
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --dist loadgroup
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .

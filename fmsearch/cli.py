@@ -236,18 +236,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     finally:
         bar.close()
     print_history(result.history)
-    test = engine.evaluate(
-        result.model, splits.test_images, splits.test_labels, splits.normalize, result.execution
-    )
+    by_monitor = engine.score_by_monitor(result, splits, config)
+    test = by_monitor[config.monitor]  # the weights the run keeps, scored once
     print(f"execution: {describe_execution(result.execution)}")
     print(
         f"device {device}, {result.labeled_count} labeled images, stopped: {result.stop_reason}, "
         f"best epoch {result.best_epoch} (val_accuracy {result.best['val_accuracy']:.4f})"
     )
-    by_monitor = engine.score_by_monitor(result, splits, config)
     for monitor, record in by_monitor.items():  # to compare the rules; the run keeps config.monitor's
         print(f"  best epoch by {monitor}: {record['epoch']}, test_accuracy {record['test_accuracy']:.4f}")
-    print(f"test_loss {test.loss:.4f}  test_accuracy {test.accuracy:.4f}")
+    print(f"test_loss {test['test_loss']:.4f}  test_accuracy {test['test_accuracy']:.4f}")
     if args.json:
         record = {
             "config": asdict(config),
@@ -256,9 +254,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             "history": result.history,
             "best_epoch": result.best_epoch,
             "stop_reason": result.stop_reason,
-            "test_loss": test.loss,
-            "test_accuracy": test.accuracy,
-            "test_recall": engine.recall(test, splits.test_labels),
+            "test_loss": test["test_loss"],
+            "test_accuracy": test["test_accuracy"],
+            "test_recall": test["test_recall"],
             "by_monitor": by_monitor,
             "seconds": result.seconds,
         }

@@ -485,26 +485,31 @@ def recall(evaluation: Evaluation, labels: torch.Tensor) -> list[float]:
 
 
 def score_by_monitor(result: FitResult, splits: Splits, config: TrainConfig) -> dict[str, dict]:
-    """Test accuracy of the best epoch by each monitor and of the final moving average, to compare rules."""
+    """Test loss and accuracy of the best epoch by each monitor and of the final moving average, to
+    compare rules. An epoch that is best by both monitors is scored once."""
     model = build_model(config.arch, config.dropout).to(splits.test_images.device)
+    by_epoch: dict[int, Evaluation] = {}
     scores = {}
     for monitor, (epoch, state) in result.best_by.items():
-        model.load_state_dict(state)
-        test = evaluate(model, splits.test_images, splits.test_labels, splits.normalize, result.execution)
-        scores[monitor] = {
-            "epoch": epoch,
-            "val_accuracy": result.history[epoch - 1]["val_accuracy"],
-            "test_accuracy": test.accuracy,
-            "test_recall": recall(test, splits.test_labels),
-        }
+        if epoch not in by_epoch:
+            model.load_state_dict(state)
+            by_epoch[epoch] = evaluate(
+                model, splits.test_images, splits.test_labels, splits.normalize, result.execution
+            )
+        scores[monitor] = _score(epoch, result.history[epoch - 1]["val_accuracy"], by_epoch[epoch], splits)
     if result.ema_model is not None:
         test = evaluate(
             result.ema_model, splits.test_images, splits.test_labels, splits.normalize, result.execution
         )
-        scores["ema_last"] = {
-            "epoch": len(result.history),
-            "val_accuracy": result.history[-1]["ema_val_accuracy"],
-            "test_accuracy": test.accuracy,
-            "test_recall": recall(test, splits.test_labels),
-        }
+        scores["ema_last"] = _score(len(result.history), result.history[-1]["ema_val_accuracy"], test, splits)
     return scores
+
+
+def _score(epoch: int, val_accuracy: float, test: Evaluation, splits: Splits) -> dict:
+    return {
+        "epoch": epoch,
+        "val_accuracy": val_accuracy,
+        "test_loss": test.loss,
+        "test_accuracy": test.accuracy,
+        "test_recall": recall(test, splits.test_labels),
+    }

@@ -40,6 +40,9 @@ MIN_GAIN = 1.03
 EVAL_BATCH_SIZES = {"cpu": (64, 128, 256, 512), "cuda": (512, 1024, 2048, 4096)}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 and AMX, ARM's BF16 extension
 TRAIN_BATCH = 64  # the assignment's batch size, which the steps are timed at
+# torch's thread count as the process started ($OMP_NUM_THREADS, else the cores): part of the machine,
+# so that a run limited to one thread keeps a choice of its own.
+STARTING_THREADS = torch.get_num_threads()
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,13 @@ def _cpuinfo() -> tuple[str, ...]:
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    """What the choice depends on: the device, the CPU (name, flags, cores) or GPU, and torch."""
+    """What the choice depends on: the device, the CPU (name, flags, cores, threads) or GPU, and torch."""
     found = {
         "device": device.type,
         "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
+        "threads": STARTING_THREADS,
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
@@ -315,7 +319,7 @@ def measure(device: torch.device) -> tuple[Execution, dict[str, float]]:
     compile is not timed: compiling costs more than a short trial saves (0.76x for a 1-epoch run on
     an AMD EPYC, 2026-11); `--compile` forces it.
     """
-    cores = torch.get_num_threads()
+    cores = STARTING_THREADS
     best = Execution(str(device), threads=cores, source=f"measured {time.strftime('%Y-%m-%d')}")
     timings: dict[str, float] = {}
     for name, change in (

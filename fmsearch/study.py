@@ -618,10 +618,21 @@ def _interrupt_once(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _catch_interrupts() -> None:
+    """Have Ctrl-C stop a worker's trial, unless the command started with SIGINT ignored.
+
+    A shell without job control starts `fmsearch study ... &` with SIGINT ignored, and Python then
+    leaves the parent deaf to it. A worker that caught it anyway would stop while its parent carried
+    on, and the parent would report its workers' exit status 130 as a failure (exit 1, not 130).
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _interrupt_once)
+
+
 def _worker(spec, options, worker, reporter_factory, errors) -> None:
     """A worker process: its error goes back to the parent as one line (a bug: its traceback)."""
     _die_with_parent()
-    signal.signal(signal.SIGINT, _interrupt_once)
+    _catch_interrupts()
     try:
         work(spec, options, worker, reporter_factory)
     except KeyboardInterrupt:

@@ -16,16 +16,21 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# `make test` runs one pytest worker per core (pytest-xdist), so each runs torch on one thread: the
+# tests' batches of 10-64 images gain nothing from a second thread, and two workers on two threads
+# each would fight over the cores. Set before torch is imported; the commands the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The suite, its workers and the commands they start share one choice of speed settings
+# (speed.choose), measured once into a folder of their own rather than the user's cache.
+os.environ.setdefault("FMSEARCH_CACHE", tempfile.mkdtemp(prefix="fmsearch-cache-"))
 
-from fmsearch import data
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fmsearch import data  # noqa: E402
 
 REAL_ROOT = data.data_root().resolve()
-# The suite and the commands it starts share one choice of speed settings (speed.choose), measured once
-# into a folder of their own rather than the user's cache.
-os.environ["FMSEARCH_CACHE"] = tempfile.mkdtemp(prefix="fmsearch-cache-")
 
 
 def write_idx_images(path: Path, images: np.ndarray) -> None:
@@ -91,12 +96,13 @@ def write_tiny_fashion_mnist(
     return TinyData(root, checksums)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def speed_choice():
-    """The suite's one timing of this machine's speed settings, before any test counts optimizer steps."""
-    from fmsearch import speed
+def pytest_configure(config):
+    """Time this machine's speed settings once, before any worker starts and any test counts
+    optimizer steps; pytest-xdist's workers (which carry `workerinput`) read the file it writes."""
+    if not hasattr(config, "workerinput"):
+        from fmsearch import speed
 
-    return speed.choose("cpu")
+        speed.choose("cpu")
 
 
 @pytest.fixture(scope="session")

@@ -224,6 +224,14 @@ lr = { low = 1e-3, high = 3e-3, log = true }
 """
 
 
+# `fmsearch` as a terminal's foreground job runs it: hearing SIGINT even where the suite itself was
+# started with it ignored, as a shell without job control starts a background job (`make test &`).
+AS_A_FOREGROUND_JOB = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from fmsearch.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 @needs_real_data
 @pytest.mark.slow
 def test_ctrl_c_with_two_jobs_fails_the_running_trials_at_once_in_one_line(tmp_path):
@@ -232,7 +240,7 @@ def test_ctrl_c_with_two_jobs_fails_the_running_trials_at_once_in_one_line(tmp_p
     env = {**os.environ, "FMSEARCH_DATA": str(REAL_ROOT)}
     command = ["study", "stop.toml", "--jobs", "2", "--device", "cpu", "--storage", storage]
     study = subprocess.Popen(
-        [sys.executable, "-m", "fmsearch.cli", *command], cwd=tmp_path, env=env,
+        [sys.executable, "-c", AS_A_FOREGROUND_JOB, *command], cwd=tmp_path, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 400

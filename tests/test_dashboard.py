@@ -17,6 +17,7 @@ import pytest
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("tiny-study"),  # one pytest worker runs the session's tiny study for these
     pytest.mark.skipif(
         CHROMIUM is None, reason="no chromium: `make browser` installs Debian's package as root"
     ),

@@ -12,6 +12,7 @@ from fmsearch import report, spec, study
 from fmsearch.storage import DatabaseArtifactStore, open_storage
 from tests.conftest import TINY_STUDY, run_tiny_study, study_text, write_study
 
+pytestmark = pytest.mark.xdist_group("tiny-study")  # one pytest worker runs the session's tiny study
 FIGURES = {"curves.png", "fraction.png", "search.png", "confusion.png"}
 
 

@@ -292,11 +292,12 @@ def small_task_accuracy(textures, tmp_path, **overrides) -> float:
     return float(np.mean(accuracies))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # one pytest worker runs the three tests that compare with it
 def skip_accuracy(textures, tmp_path_factory) -> float:
     return small_task_accuracy(textures, tmp_path_factory.mktemp("skip"))
 
 
+@pytest.mark.xdist_group("small-task")
 def test_pseudo_labels_beat_skipping_on_a_small_learnable_task(textures, tmp_path, skip_accuracy):
     """After 6 labeled-only epochs, pseudo-labels must add 3 points (measured: 0.763 against 0.717).
 
@@ -307,6 +308,7 @@ def test_pseudo_labels_beat_skipping_on_a_small_learnable_task(textures, tmp_pat
     assert pseudo > skip_accuracy + 0.03, (pseudo, skip_accuracy)
 
 
+@pytest.mark.xdist_group("small-task")
 def test_distillation_beats_skipping_on_a_small_learnable_task(textures, tmp_path, skip_accuracy):
     """A student of three labels-only teachers must add 5 points.
 
@@ -316,6 +318,7 @@ def test_distillation_beats_skipping_on_a_small_learnable_task(textures, tmp_pat
     assert distill > skip_accuracy + 0.05, (distill, skip_accuracy)
 
 
+@pytest.mark.xdist_group("small-task")
 def test_vat_beats_skipping_on_a_small_learnable_task(textures, tmp_path, skip_accuracy):
     """Virtual adversarial training must add 2 points.
 

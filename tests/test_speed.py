@@ -105,7 +105,7 @@ def test_the_greedy_choice_keeps_the_plainer_candidate_unless_it_is_clearly_fast
         tried.append((changed, incumbent))
         return gains[changed]
 
-    monkeypatch.setattr(speed.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(speed, "STARTING_THREADS", 2)
     monkeypatch.setattr(speed, "native_bf16", lambda device: True)
     monkeypatch.setattr(speed, "speedup", speedup)
     monkeypatch.setattr(speed, "eval_rates", lambda e, d, sizes: {s: evaluation[s] for s in sizes})

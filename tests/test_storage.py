@@ -3,7 +3,6 @@
 import io
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -303,11 +302,17 @@ def test_postgresql_connections_time_out_after_10_s_unless_the_url_says_otherwis
     assert "connect_args" not in storage._engine_kwargs("postgresql://fmsearch@dbhost/fm?connect_timeout=2")
 
 
-def _limit_file_size(limit: int):
-    def apply() -> None:  # runs in the child: files it writes may not grow past `limit` bytes
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+CLI = "import sys; from fmsearch.cli import main; sys.exit(main(sys.argv[1:]))"
 
-    return apply
+
+def _with_file_size_limit(limit: int, code: str) -> list[str]:
+    """A Python command whose files may not grow past `limit` bytes, as on a disk that is full.
+
+    The limit is set by the child itself: a `preexec_fn` can deadlock a threaded parent such as a
+    pytest-xdist worker, between fork and exec.
+    """
+    limit_code = f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+    return [sys.executable, "-c", limit_code + code]
 
 
 def test_a_full_disk_while_writing_figures_is_one_line_and_keeps_the_last_report(small_study, tmp_path):
@@ -318,8 +323,8 @@ def test_a_full_disk_while_writing_figures_is_one_line_and_keeps_the_last_report
     written = {p.name: p.read_bytes() for p in out.iterdir()}
     before = finished_counts(url)
     result = subprocess.run(
-        [sys.executable, "-m", "fmsearch.cli", "report", "kept", "--storage", url],
-        cwd=tmp_path, capture_output=True, text=True, preexec_fn=_limit_file_size(20_000),
+        [*_with_file_size_limit(20_000, CLI), "report", "kept", "--storage", url],
+        cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     line = one_line_error(result, "report")
     assert line.startswith(
@@ -355,7 +360,7 @@ def test_a_full_disk_while_saving_weights_stops_with_one_line_and_loses_no_finis
     # Room for the data and a trial's records, not for the database to grow by a 1.7 MB state dict.
     limit = path.stat().st_size + 300_000
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, preexec_fn=_limit_file_size(limit),
+        _with_file_size_limit(limit, script), capture_output=True, text=True,
         env={**os.environ, "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]

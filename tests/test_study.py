@@ -36,6 +36,7 @@ def trials_of(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
 
 
+@pytest.mark.xdist_group("tiny-study")
 def test_tiny_study_finishes_every_condition_and_records_everything(tiny_study):
     for summary, name in zip(tiny_study.summaries, ["tiny/labels=100%", "tiny/labels=50%"], strict=True):
         assert summary.study_name == name
@@ -57,6 +58,7 @@ def test_tiny_study_finishes_every_condition_and_records_everything(tiny_study):
     assert any(t.params["unlabeled"] == "pseudo" for t in half_labels)  # seeded: the check above ran
 
 
+@pytest.mark.xdist_group("tiny-study")
 def test_the_best_trial_of_each_condition_is_scored_once_on_the_test_set(tiny_study):
     for summary in tiny_study.summaries:
         loaded = optuna.load_study(study_name=summary.study_name, storage=tiny_study.storage)
@@ -423,3 +425,18 @@ def test_a_worker_stops_after_three_crashes_in_a_row_and_a_rerun_adds_at_most_th
         assert "ConfigError: a stratified pick of 995" in message and "fix the cause, then rerun" in message
         trials = trials_of(f"sqlite:///{tmp_path}/studies.db", "broken/labels=100%")
         assert len(trials) == 3 * run and all(t.state == TrialState.FAIL for t in trials)
+
+
+def test_a_worker_catches_ctrl_c_only_where_its_command_was_not_started_deaf_to_it():
+    """A shell without job control starts `fmsearch study ... &` with SIGINT ignored; a worker that
+    caught it anyway would stop under a parent that carries on (exit 1, not 130, in one CI run)."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        study._catch_interrupts()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        study._catch_interrupts()
+        assert signal.getsignal(signal.SIGINT) is study._interrupt_once
+    finally:
+        signal.signal(signal.SIGINT, before)
