@@ -233,18 +233,19 @@ def matmul_flops_per_second(
     """
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    repeats = 0
-    sync(device)
     started = time.perf_counter()
-    while True:
+    a @ b
+    sync(device)
+    warm_up = time.perf_counter() - started
+    if warm_up >= seconds:
+        return 2 * size**3 / warm_up
+    repeats = 0
+    started = time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
         a @ b
         sync(device)
         repeats += 1
-        elapsed = time.perf_counter() - started
-        if repeats == 1 and elapsed < seconds:  # the warm-up is not counted
-            repeats, started = 0, time.perf_counter()
-        elif elapsed >= seconds:
-            return 2 * size**3 * repeats / elapsed
+    return 2 * size**3 * repeats / elapsed
 
 
 Measure = Callable[[], tuple[float, float]]  # -> (images per second, accuracy)
