@@ -75,10 +75,12 @@ def provenance(device: torch.device) -> dict[str, str]:
 
 
 def _git_revision() -> str:
+    """The revision of the fmsearch code that runs (not of the folder it runs in), else 'unknown'."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
