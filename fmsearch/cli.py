@@ -15,10 +15,12 @@ from typing import Any
 from tqdm import tqdm
 
 from fmsearch import storage
+from fmsearch.config import ARCHITECTURE_NAMES, SETTINGS, SWITCHES, TrainConfig
 
 STUDIES_DIR = Path("studies")
 RESULTS_DIR = Path("results")
-DEFAULT_STORAGE = f"sqlite:///{RESULTS_DIR}/studies.db"
+
+DEVICE_HELP = "cpu, cuda or mps (default: the best available)"
 STORAGE_HELP = f"Optuna storage URL (default ${storage.ENV_URL}, else {storage.DEFAULT_URL})"
 OS_FAULTS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 DEVICE = re.compile(r"cpu|mps|cuda(:[0-9]+)?")  # what torch.device accepts of the devices fmsearch runs on
@@ -35,11 +37,10 @@ class Parser(argparse.ArgumentParser):
 class EpochBar:
     """A tqdm bar per epoch for engine.fit's progress protocol."""
 
-    def __init__(self, label: str, epochs: int, position: int = 0, leave: bool = False):
+    def __init__(self, label: str, epochs: int, position: int = 0):
         self.label = label
         self.epochs = epochs
         self.position = position
-        self.leave = leave
         self.bar: tqdm | None = None
 
     def epoch_start(self, epoch: int, steps: int) -> None:
@@ -49,7 +50,7 @@ class EpochBar:
             desc=f"{self.label} epoch {epoch}/{self.epochs}",
             unit="batch",
             position=self.position,
-            leave=self.leave,
+            leave=False,
             dynamic_ncols=True,
             file=sys.stderr,
         )
@@ -117,13 +118,11 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 
 
 def _options(text: str) -> tuple[str, ...]:
-    from fmsearch.config import SWITCHES as OPTIONS
-
     chosen = () if text == "none" else tuple(text.split(","))
-    unknown = [option for option in chosen if option not in OPTIONS]
+    unknown = [option for option in chosen if option not in SWITCHES]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown option {unknown[0]!r}: choose from {','.join(OPTIONS)} or none"
+            f"unknown option {unknown[0]!r}: choose from {','.join(SWITCHES)} or none"
         )
     return chosen
 
@@ -189,8 +188,6 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def train_config(args: argparse.Namespace):
     """The TrainConfig that `fmsearch train`'s flags ask for; an unset flag keeps its default."""
-    from fmsearch.config import TrainConfig
-
     config_names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in config_names and v is not None}
     if args.no_patience:
@@ -199,23 +196,11 @@ def train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from fmsearch import engine, teachers
+    from fmsearch import engine, runner
 
     config = train_config(args)
     device, splits = _load_splits(args.device, args.pool_limit)
-    subset = engine.make_subset(config, splits)
-    team = None
-    if config.unlabeled == "distill":
-        team = teachers.build(
-            config, splits, subset, RESULTS_DIR / "teachers", log=lambda line: print(line, file=sys.stderr)
-        )
-        print(
-            f"teachers: {len(team.members)}, {team.epochs} epochs, {team.seconds:.0f} s; ensemble "
-            f"val_accuracy {team.val_accuracy:.4f}, test_accuracy {team.test_accuracy:.4f}; "
-            f"targets right on {team.target_accuracy:.4f} of the unlabeled pool"
-        )
     bar = EpochBar(config.arch, config.epochs)
-
     history: list[dict] = []
 
     def show(epoch: int, metrics: dict) -> None:
@@ -225,16 +210,13 @@ def cmd_train(args: argparse.Namespace) -> None:
             _write_json(Path(args.json), {"config": asdict(config), "history": history, "finished": False})
 
     try:
-        result = engine.fit(
-            config,
-            splits,
-            subset=subset,
-            teacher_probs=None if team is None else team.probs,
-            hooks=[show],
-            progress=bar,
-        )
+        done = runner.run(
+            config, splits, RESULTS_DIR, hooks=[show], progress=bar, on_teachers=print_teachers,
+            log=lambda line: print(line, file=sys.stderr),
+        )  # fmt: skip
     finally:
         bar.close()
+    result = done.result
     print_history(result.history)
     by_monitor = engine.score_by_monitor(result, splits, config)
     test = by_monitor[config.monitor]  # the weights the run keeps, scored once
@@ -247,29 +229,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"  best epoch by {monitor}: {record['epoch']}, test_accuracy {record['test_accuracy']:.4f}")
     print(f"test_loss {test['test_loss']:.4f}  test_accuracy {test['test_accuracy']:.4f}")
     if args.json:
-        record = {
-            "config": asdict(config),
-            "device": str(device),
-            "execution": result.execution.record(),
-            "history": result.history,
-            "best_epoch": result.best_epoch,
-            "stop_reason": result.stop_reason,
-            "test_loss": test["test_loss"],
-            "test_accuracy": test["test_accuracy"],
-            "test_recall": test["test_recall"],
-            "by_monitor": by_monitor,
-            "seconds": result.seconds,
-        }
-        if team is not None:
-            record["teachers"] = {
-                "members": team.members,
-                "seconds": team.seconds,
-                "epochs": team.epochs,
-                "val_accuracy": team.val_accuracy,
-                "test_accuracy": team.test_accuracy,
-                "target_accuracy": team.target_accuracy,
-            }
+        scores = {key: test[key] for key in ("test_loss", "test_accuracy", "test_recall")}
+        record = runner.provenance(device) | done.record() | {"by_monitor": by_monitor, **scores}
         _write_json(Path(args.json), record | {"finished": True})
+
+
+def print_teachers(team) -> None:
+    print(
+        f"teachers: {len(team.members)}, {team.epochs} epochs, {team.seconds:.0f} s; ensemble "
+        f"val_accuracy {team.val_accuracy:.4f}, test_accuracy {team.test_accuracy:.4f}; "
+        f"targets right on {team.target_accuracy:.4f} of the unlabeled pool"
+    )
 
 
 def describe_execution(run) -> str:
@@ -285,7 +255,7 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from fmsearch import engine, spec, study
+    from fmsearch import cost, engine, spec, study
 
     study_spec = spec.parse(spec.find(args.name, STUDIES_DIR))
     study_spec = replace(  # the command line's overrides, folded in once
@@ -300,22 +270,22 @@ def cmd_study(args: argparse.Namespace) -> None:
         grace_period=4 * args.heartbeat,
     )
     study.quiet_optuna()
-    prepared = study.prepare(study_spec, options, archive_changed=args.archive_changed)
-    for old, new in prepared.archived.items():
+    archived = study.prepare(study_spec, options, archive_changed=args.archive_changed)
+    for old, new in archived.items():
         print(f"archived {old} as {new} (its trials are kept; `fmsearch report {new.split('/')[0]}`)")
     print(f"data: {_ensure_data()}")
     splits = study.load_splits(study_spec, options)
-    plan = study.plan(study_spec, splits)
+    plan = cost.plan(study_spec, splits)
     print(f"study {study_spec.name}: {study_spec.description}")
     print(f"storage {storage.mask(options.storage)}; watch it live with `make dashboard`")
     print(
         f"cost: at most {len(plan.conditions)} conditions x {plan.trials} trials x {plan.max_epochs} epochs, "
         f"each epoch timed here ({describe_execution(plan.execution)}):"
     )
-    for cost in plan.conditions:
-        epochs = ", ".join(f"{name} {seconds:.1f}" for name, seconds in cost.epoch_seconds.items())
-        teachers = f"; teachers {_duration(cost.teacher_seconds)}" if cost.teacher_seconds else ""
-        print(f"  {cost.study_name}: s/epoch {epochs}{teachers}")
+    for condition in plan.conditions:
+        epochs = ", ".join(f"{name} {seconds:.1f}" for name, seconds in condition.epoch_seconds.items())
+        teachers = f"; teachers {_duration(condition.teacher_seconds)}" if condition.teacher_seconds else ""
+        print(f"  {condition.study_name}: s/epoch {epochs}{teachers}")
     print(
         f"  = {_duration(plan.max_seconds)} at most (pruning, early stopping and cached teachers cut this); "
         "smaller: --trials, --epochs, or STUDY=smoke"
@@ -434,8 +404,6 @@ def _checked(declared) -> Callable[[str], Any]:
 
 
 def _default_text(declared) -> str:
-    from fmsearch.config import SETTINGS
-
     if declared.name in SETTINGS:
         return "chosen by timing on this machine"
     if declared.type is bool:
@@ -445,7 +413,6 @@ def _default_text(declared) -> str:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, from its declaration: --batch-size, --no-debias, ..."""
-    from fmsearch.config import TrainConfig
     from fmsearch.params import parameters
 
     for declared in parameters(TrainConfig).values():
@@ -460,31 +427,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-patience", action="store_true", help="never stop early")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from fmsearch.config import ARCHITECTURE_NAMES, SWITCHES
-
-    parser = Parser(
-        prog="fmsearch",
-        description="Hyperparameter-search studies of small CNNs on Fashion-MNIST, full- and semi-label.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("data", help="find or fetch Fashion-MNIST and verify it")
-    p.set_defaults(func=cmd_data)
-
-    p = sub.add_parser("train", help="train one configuration and score it on the test set")
-    add_train_arguments(p)
-    p.add_argument("--device", type=_device, help="cpu, cuda or mps (default: the best available)")
-    p.add_argument("--pool-limit", type=_positive_int, help="use only this many training-pool images")
-    p.add_argument("--json", help="also write the history and test result to this file")
-    p.set_defaults(func=cmd_train)
-
+def _add_study_command(sub) -> None:
+    """`fmsearch study NAME`: its flags."""
     p = sub.add_parser("study", help="run (or resume) an Optuna study from studies/NAME.toml")
     p.add_argument("name", help="a study file's name under studies/, e.g. semi, or a path to one")
     p.add_argument("--trials", type=_positive_int, help="finished trials per condition (default: the file's)")
     p.add_argument("--jobs", type=_positive_int, default=1, help="worker processes (default 1)")
     p.add_argument("--storage", type=_storage_url, default=storage.default_url(), help=STORAGE_HELP)
-    p.add_argument("--device", type=_device, help="cpu, cuda or mps (default: the best available)")
+    p.add_argument("--device", type=_device, help=DEVICE_HELP)
     p.add_argument("--epochs", type=_positive_int, help="max epochs per trial (default: the file's)")
     p.add_argument(
         "--heartbeat", type=_positive_int, default=5, help="seconds between trial heartbeats (default 5)"
@@ -497,8 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_study)
 
+
+def _add_bench_command(sub) -> None:
+    """`fmsearch bench`: its flags."""
     p = sub.add_parser("bench", help="time fmsearch's training loop against the assignment's loop")
-    p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--arch", default="plain", choices=ARCHITECTURE_NAMES, help="architecture (default plain)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="(default 64)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed epochs per contender (default 3)")
@@ -525,6 +478,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine.evaluate batch sizes to time besides the chosen one, e.g. 2048,10000 (default none)",
     )
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="fmsearch",
+        description="Hyperparameter-search studies of small CNNs on Fashion-MNIST, full- and semi-label.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="find or fetch Fashion-MNIST and verify it")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train one configuration and score it on the test set")
+    add_train_arguments(p)
+    p.add_argument("--device", type=_device, help=DEVICE_HELP)
+    p.add_argument("--pool-limit", type=_positive_int, help="use only this many training-pool images")
+    p.add_argument("--json", help="also write the history and test result to this file")
+    p.set_defaults(func=cmd_train)
+
+    _add_study_command(sub)
+    _add_bench_command(sub)
 
     p = sub.add_parser("report", help="draw a study's figures and summary.md from the storage")
     p.add_argument("name", type=_report_name, help="the study's name, e.g. semi")

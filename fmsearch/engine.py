@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmsearch.config import MONITORS, TrainConfig
-from fmsearch.data import Splits
+from fmsearch.data import CLASSES, Splits
 from fmsearch.errors import ConfigError, FmsearchError
 from fmsearch.models import build_model
 from fmsearch.semi import (
@@ -33,6 +33,7 @@ from fmsearch.semi import (
     weak_augment,
 )
 from fmsearch.speed import Execution, settle, sync
+from fmsearch.storage import EARLY_STOPPED, MAX_EPOCHS
 
 # Steps between divergence checks. On a GPU each check is a host-device sync; on the CPU it costs nothing
 # measurable (a 10,000-image epoch: 5.9 s checking every step, 6.7 s every 16th; AMD EPYC AVX2, 2026-12-02).
@@ -142,7 +143,7 @@ class EarlyStopping:
             self.waited = 0
             return None
         self.waited += 1
-        return "early-stopped" if self.waited >= self.patience else None
+        return EARLY_STOPPED if self.waited >= self.patience else None
 
 
 class Progress(Protocol):
@@ -162,7 +163,7 @@ class FitResult:
     model: nn.Module  # holds the best-epoch weights
     history: list[dict] = field(default_factory=list)  # one dict of floats per epoch
     best_epoch: int = 0  # 1-based; the best value of the config's monitor
-    stop_reason: str = "max-epochs"  # max-epochs, early-stopped or pruned
+    stop_reason: str = MAX_EPOCHS  # or EARLY_STOPPED, PRUNED (storage's stop reasons)
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)  # CPU copy of best weights
     seconds: float = 0.0  # wall time of the whole fit
     labeled_count: int = 0
@@ -474,6 +475,13 @@ def time_epoch(
         run.validate(1)
         validation = time.perf_counter() - started
     return EpochCost(seconds[True], seconds[False], validation)
+
+
+def confusion(evaluation: Evaluation, labels: torch.Tensor) -> list[list[int]]:
+    """counts[true class][predicted class], over every class of the data set."""
+    classes = len(CLASSES)
+    pairs = labels.cpu() * classes + evaluation.predictions
+    return torch.bincount(pairs, minlength=classes * classes).view(classes, classes).tolist()
 
 
 def recall(evaluation: Evaluation, labels: torch.Tensor) -> list[float]:

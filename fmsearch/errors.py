@@ -12,3 +12,7 @@ class FmsearchError(Exception):
 
 class ConfigError(FmsearchError, ValueError):
     """A training setting is out of its range, not one of its choices, or names an absent device."""
+
+
+class StudyError(FmsearchError):
+    """A study cannot run as asked (a changed study file, crashing trials, ...); the message says the fix."""

@@ -26,7 +26,8 @@ import seaborn as sns  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from fmsearch.errors import FmsearchError  # noqa: E402
-from fmsearch.storage import DIVERGED, Attr, is_finished, write_atomic  # noqa: E402
+from fmsearch.spec import is_semi  # noqa: E402
+from fmsearch.storage import DIVERGED, Attr, is_finished, study_name_parts, write_atomic  # noqa: E402
 
 DPI = 160
 CURVE_PANELS = (
@@ -75,7 +76,7 @@ def load_conditions(storage, name: str) -> list[Condition]:
         conditions.append(
             Condition(
                 study=study,
-                label=study_name.split("/", 1)[1] if "/" in study_name else study_name,
+                label=study_name_parts(study_name)[1] or study_name,
                 labeled_fraction=fraction,
                 trials=trials,
                 test=study.user_attrs.get(Attr.TEST),
@@ -174,7 +175,7 @@ def _trial_frame(conditions: list[Condition]) -> pd.DataFrame:
             if t.value is None:  # diverged: no value to place
                 continue
             config = t.user_attrs.get(Attr.CONFIG, {})
-            unlabeled = config.get("unlabeled", "skip") if c.labeled_fraction < 1 else "none (full labels)"
+            unlabeled = config.get("unlabeled", "skip") if is_semi(config) else "none (full labels)"
             rows.append(
                 {
                     "condition": c.label,
@@ -250,8 +251,17 @@ def plot_fraction(conditions: list[Condition], out: Path) -> Path | None:
 def plot_search(conditions: list[Condition], out: Path) -> Path:
     """Optimization history with best-so-far, lr against dropout, and value by architecture."""
     frame = _trial_frame(conditions)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), constrained_layout=True)
-    history, scatter, by_arch = axes
+    fig, (history, scatter, by_arch) = plt.subplots(1, 3, figsize=(16, 4.8), constrained_layout=True)
+    _history_panel(history, frame, conditions)
+    done = frame[frame.state == "complete"]
+    _lr_dropout_panel(fig, scatter, done, conditions)
+    _arch_panel(by_arch, done, conditions)
+    fig.get_layout_engine().set(wspace=0.06)  # room between the colour bar's label and the next panel
+    fig.suptitle("What the search found")
+    return _save(fig, out / "search.png")
+
+
+def _history_panel(history: plt.Axes, frame: pd.DataFrame, conditions: list[Condition]) -> None:
     for c in conditions:
         mine = frame[frame.condition == c.label].sort_values("trial")
         if mine.empty:
@@ -276,7 +286,8 @@ def plot_search(conditions: list[Condition], out: Path) -> Path:
     history.set_ylabel("validation accuracy (fraction)")
     history.legend(fontsize=7, loc="lower right")
 
-    done = frame[frame.state == "complete"]
+
+def _lr_dropout_panel(fig, scatter: plt.Axes, done: pd.DataFrame, conditions: list[Condition]) -> None:
     markers = dict(zip([c.label for c in conditions], itertools.cycle("osD^vP*X")))
     points = None
     for c in conditions:
@@ -307,6 +318,8 @@ def plot_search(conditions: list[Condition], out: Path) -> Path:
         ]
         scatter.legend(handles=shapes, fontsize=7, loc="best")
 
+
+def _arch_panel(by_arch: plt.Axes, done: pd.DataFrame, conditions: list[Condition]) -> None:
     if not done.empty:
         palette = {c.label: c.colour for c in conditions}
         axes_and_data = {
@@ -323,9 +336,6 @@ def plot_search(conditions: list[Condition], out: Path) -> Path:
     by_arch.set_title("Validation accuracy by architecture")
     by_arch.set_xlabel("architecture")
     by_arch.set_ylabel("validation accuracy (fraction)")
-    fig.get_layout_engine().set(wspace=0.06)  # room between the colour bar's label and the next panel
-    fig.suptitle("What the search found")
-    return _save(fig, out / "search.png")
 
 
 def _span_searched_range(ax: plt.Axes, conditions: list[Condition]) -> None:

@@ -20,6 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import Sampler, default_collate
 
+from fmsearch.data import CLASSES
 from fmsearch.errors import ConfigError
 
 HIDDEN = -1  # the target of every unlabeled sample on the training path
@@ -274,14 +275,11 @@ class PseudoLabel(UnlabeledObjective):
     pass over the pool, so it is right from the first unlabeled batch.
     """
 
-    def __init__(
-        self, tau: float, lambda_u: float, debias: bool = True, warmup_epochs: int = 0, num_classes: int = 10
-    ):
+    def __init__(self, tau: float, lambda_u: float, debias: bool = True, warmup_epochs: int = 0):
         self.tau = tau
         self.warmup_epochs = warmup_epochs
         self.lambda_u = lambda_u
         self.debias = debias
-        self.num_classes = num_classes
         self.status: torch.Tensor | None = None  # (N,) class predicted at >= tau, HIDDEN otherwise
         self.counts: torch.Tensor | None = None  # (C + 1,): [below tau, class 0, ..., class C-1]
 
@@ -299,7 +297,7 @@ class PseudoLabel(UnlabeledObjective):
                 confidence, predicted = probs.max(dim=1)
                 self.status[chunk] = torch.where(confidence >= self.tau, predicted, HIDDEN)
         model.train(was_training)
-        self.counts = torch.zeros(self.num_classes + 1, device=device)
+        self.counts = torch.zeros(len(CLASSES) + 1, device=device)  # [0]: unsure (HIDDEN), then each class
         self.counts.scatter_add_(0, self.status[unlabeled] + 1, torch.ones(len(unlabeled), device=device))
 
     def class_prior(self) -> torch.Tensor:
@@ -421,6 +419,11 @@ def make_objective(config, teacher_probs: torch.Tensor | None = None, std: float
     if config.unlabeled == "vat":
         return VirtualAdversarial(**settings, std=std)
     return Skip(**settings)
+
+
+def warmup_epochs(config) -> int:
+    """Labeled-only epochs before `config`'s objective uses unlabeled batches (0 where it has none)."""
+    return config.objective_settings().get("warmup_epochs", 0)
 
 
 def pseudo_label_accuracy(record: torch.Tensor, hidden: torch.Tensor) -> tuple[float, float]:

@@ -16,6 +16,7 @@ from typing import Any
 from fmsearch.config import TrainConfig
 from fmsearch.errors import FmsearchError
 from fmsearch.params import Param, param, parameters
+from fmsearch.storage import study_name
 
 # Training parameters a study may fix, condition on or search: TrainConfig's, less the run-level ones.
 PARAMETERS: dict[str, Param] = {name: p for name, p in parameters(TrainConfig).items() if p.study}
@@ -122,9 +123,7 @@ class StudySpec:
 
     def study_name(self, condition: dict[str, Any]) -> str:
         """The Optuna study name of one condition, e.g. 'semi/labels=10%'."""
-        if not condition:
-            return self.name
-        return f"{self.name}/" + ",".join(condition_label(k, v) for k, v in condition.items())
+        return study_name(self.name, ",".join(condition_label(k, v) for k, v in condition.items()))
 
 
 def condition_label(key: str, value: Any) -> str:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any, BinaryIO
 
 import optuna
 import sqlalchemy as sa
+from optuna.artifacts import get_all_artifact_meta, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
@@ -38,14 +40,12 @@ class Attr:
     """User-attribute keys: what study.py records and report.py reads back."""
 
     # on each condition's study
-    SPEC = "spec"
     DESCRIPTION = "description"
     CONDITION = "condition"
     FIXED = "fixed"
-    METRIC = "metric"
     MAX_EPOCHS = "max_epochs"
     BATCH_SIZE = "batch_size"
-    FINGERPRINT = "fingerprint"  # everything that gives a trial its meaning; see study.fingerprint
+    FINGERPRINT = "fingerprint"  # everything that gives a trial its meaning; see lineage.fingerprint
     ARCHIVED_FROM = "archived_from"
     TEST = "test"  # the best trial's test-set score
     # on each trial
@@ -55,12 +55,20 @@ class Attr:
     BEST_EPOCH = "best_epoch"
     SECONDS = "seconds"
     EXECUTION = "execution"  # speed.Execution: how the trial ran (chosen for its machine, or forced)
+    IMAGES_PER_SECOND = "images_per_second"  # the median epoch's training rate
+    LABELED_COUNT = "labeled_count"  # labeled images the run trained on
+    TEACHERS = "teachers"  # distill's teachers: count, cost and accuracies (runner.teachers_record)
     ERROR = "error"
-    SEED = "seed"
 
 
-DIVERGED = "diverged"  # stop_reason of a trial whose loss became NaN: a result, it counts
-CRASHED = "crashed"  # stop_reason of a trial that raised: not a result, it does not count
+# A run's stop_reason (Attr.STOP_REASON): how it ended.
+MAX_EPOCHS = "max-epochs"  # ran every epoch
+EARLY_STOPPED = "early-stopped"  # its monitor stopped improving for `patience` epochs
+PRUNED = "pruned"  # the pruner judged it behind the others
+DIVERGED = "diverged"  # its loss became NaN: a result, it counts
+CRASHED = "crashed"  # it raised: not a result, it does not count
+INTERRUPTED = "interrupted"  # Ctrl-C: it does not count
+STALE = "stale"  # its worker died (no heartbeat): it does not count
 
 
 class StorageError(FmsearchError):
@@ -72,10 +80,6 @@ def is_finished(trial: FrozenTrial) -> bool:
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     return trial.state == TrialState.FAIL and trial.user_attrs.get(Attr.STOP_REASON) == DIVERGED
-
-
-def is_archived(study_name: str) -> bool:
-    return "@archived-" in study_name
 
 
 def mask(url: str) -> str:
@@ -307,22 +311,40 @@ class DatabaseArtifactStore:
             connection.execute(sa.delete(_ARTIFACTS).where(_ARTIFACTS.c.artifact_id == artifact_id))
 
 
+def keep_weights(artifacts: DatabaseArtifactStore, trial: optuna.Trial, state: dict) -> None:
+    """Store a trial's best-epoch weights in the storage, as its artifact WEIGHTS_FILE."""
+    import torch  # here, not above: the command line's parser imports this module without torch
+
+    with tempfile.TemporaryDirectory(prefix="fmsearch-") as folder:
+        path = Path(folder) / WEIGHTS_FILE
+        torch.save(state, path)
+        upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)
+
+
+def kept_weights(artifacts: DatabaseArtifactStore, study: optuna.Study, trial: FrozenTrial) -> bytes | None:
+    """The weights `keep_weights` stored for a trial (the last, if more), or None."""
+    stored = [m for m in get_all_artifact_meta(trial, storage=study._storage) if m.filename == WEIGHTS_FILE]
+    return artifacts.open_reader(stored[-1].artifact_id).read() if stored else None
+
+
 class Gate:
     """Serializes 'count a study's finished trials, then start one' among all its workers.
 
-    Every worker of every command, on any machine, takes it, so together they stop at N trials.
+    Every worker of every command, on any machine, takes it, so together they stop at N trials: a
+    worker holds it from counting until its new trial exists, and releasing twice is harmless.
     PostgreSQL: an advisory lock, which the server drops when a killed worker's connection goes.
     SQLite (one machine): an flock on a file beside the database, which the kernel drops likewise.
     """
 
-    def __init__(self, rdb: RDBStorage):
+    def __init__(self, rdb: RDBStorage, study_name: str):
         self.engine = rdb.engine
         self.backend = rdb.engine.url.get_backend_name()
+        self.study_name = study_name
         self._held: Any = None
 
-    def acquire(self, study_name: str) -> None:
+    def acquire(self) -> None:
         if self.backend == "postgresql":
-            key = int.from_bytes(hashlib.sha1(study_name.encode()).digest()[:8], "big", signed=True)
+            key = int.from_bytes(hashlib.sha1(self.study_name.encode()).digest()[:8], "big", signed=True)
             connection = self.engine.connect()
             connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
             connection.commit()
@@ -346,6 +368,34 @@ class Gate:
         else:
             fcntl.flock(held, fcntl.LOCK_UN)
             held.close()
+
+
+def study_name(spec_name: str, condition: str) -> str:
+    """A condition's Optuna study name: 'semi' and 'labels=10%' -> 'semi/labels=10%'; no condition,
+    the study file's name alone."""
+    return f"{spec_name}/{condition}" if condition else spec_name
+
+
+def study_name_parts(name: str) -> tuple[str, str]:
+    """'semi/labels=10%' -> ('semi', 'labels=10%'); 'smoke' -> ('smoke', '')."""
+    spec_name, _, condition = name.partition("/")
+    return spec_name, condition
+
+
+def slug(name: str) -> str:
+    """A file-system name for a study: 'semi/labels=10%' -> 'labels-10pct'."""
+    condition = study_name_parts(name)[1] or "all"
+    return re.sub(r"[^A-Za-z0-9.]+", "-", condition.replace("%", "pct")).strip("-")
+
+
+def best_weights_path(results_dir: Path, name: str) -> Path:
+    """results/<spec>/<condition>-best.pt: the best trial's weights, copied out of the storage."""
+    return Path(results_dir) / study_name_parts(name)[0] / f"{slug(name)}-best.pt"
+
+
+def trial_log_path(results_dir: Path, name: str, number: int) -> Path:
+    """results/<spec>/logs/<condition>-trial-N.log: the traceback of a trial that raised."""
+    return Path(results_dir) / study_name_parts(name)[0] / "logs" / f"{slug(name)}-trial-{number}.log"
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:

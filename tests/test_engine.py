@@ -259,3 +259,14 @@ def test_a_short_run_on_real_fashion_mnist_learns(tmp_path):
     splits = data.load_splits(data.DataConfig(pool_limit=6000), torch.device("cpu"))
     result = engine.fit(engine.TrainConfig(epochs=1, patience=None), splits)
     assert result.best["val_accuracy"] > 0.7
+
+
+def test_the_confusion_counts_match_scikit_learns():
+    from sklearn.metrics import confusion_matrix
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (500,), generator=generator)
+    predictions = torch.where(torch.rand(500, generator=generator) < 0.7, labels, torch.randint(0, 10, (500,)))
+    evaluation = engine.Evaluation(loss=0.0, accuracy=0.0, predictions=predictions)
+    expected = confusion_matrix(labels.numpy(), predictions.numpy(), labels=list(range(10))).tolist()
+    assert engine.confusion(evaluation, labels) == expected

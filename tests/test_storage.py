@@ -17,7 +17,6 @@ import pytest
 from optuna.trial import TrialState
 
 from fmsearch import storage
-from fmsearch import study as study_module
 from tests.conftest import REAL_ROOT, messages, needs_real_data, run_tiny_study, study_text
 
 SCALE_STUDY = """
@@ -154,7 +153,7 @@ def test_three_worker_commands_on_postgresql_end_at_exactly_n_even_after_a_kill_
         assert (int(shown[2]), float(shown[1])) == (study.best_trial.number, round(study.best_value, 4))
         assert study.user_attrs["test"]["trial"] == study.best_trial.number
         for folder in machines:  # every machine has the best weights, whichever one trained them
-            assert study_module.best_weights_path(folder / "results", name).exists()
+            assert storage.best_weights_path(folder / "results", name).exists()
 
     # The test score does not depend on the machine: score again where no trial ever ran.
     study = optuna.load_study(study_name=SCALE_NAMES[0], storage=postgres_url)

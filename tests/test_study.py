@@ -1,20 +1,14 @@
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
-from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import TrialState
-from sqlalchemy.exc import OperationalError
 
 from fmsearch import storage, study
-from tests.conftest import SPACE, run_tiny_study, study_text
+from tests.conftest import run_tiny_study, study_text
 
 RECORDED = {
     "history",
@@ -23,7 +17,6 @@ RECORDED = {
     "seconds",
     "images_per_second",
     "device",
-    "seed",
     "labeled_count",
     "git_revision",
     "torch_version",
@@ -66,7 +59,7 @@ def test_the_best_trial_of_each_condition_is_scored_once_on_the_test_set(tiny_st
         assert test["trial"] == loaded.best_trial.number
         assert 0.0 <= test["test_accuracy"] <= 1.0 and test["test_loss"] >= 0
         assert sum(map(sum, test["confusion"])) == 300  # every test image once
-        best_copy = study.best_weights_path(tiny_study.options.results_dir, summary.study_name)
+        best_copy = storage.best_weights_path(tiny_study.options.results_dir, summary.study_name)
         assert best_copy.exists()
 
 
@@ -132,87 +125,6 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path,
     assert any(t.state == TrialState.COMPLETE for t in trials)
 
 
-WORKER_SCRIPT = """
-import sys
-from pathlib import Path
-sys.path.insert(0, {repo!r})
-from tests.conftest import run_tiny_study, write_tiny_fashion_mnist
-folder = Path({folder!r})
-run_tiny_study(folder, write_tiny_fashion_mnist(folder / "data"), {text!r}, name="killed", jobs={jobs})
-"""
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-@pytest.mark.slow
-def test_a_study_killed_mid_trial_then_rerun_ends_with_exactly_n_per_condition(tmp_path):
-    text = study_text(trials=3, max_epochs=12)
-    script = WORKER_SCRIPT.format(repo=str(Path.cwd()), folder=str(tmp_path), text=text, jobs=2)
-    url = f"sqlite:///{tmp_path}/studies.db"
-    name = "killed/labels=100%"
-    process = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # wait until a trial is part-way through its epochs
-        time.sleep(0.5)
-        if process.poll() is not None:
-            pytest.fail(
-                f"the study ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
-            )
-        try:
-            running = [t for t in trials_of(url, name) if t.state == TrialState.RUNNING]
-        except (KeyError, OperationalError):  # the study or its schema does not exist yet
-            continue
-        if any(len(t.intermediate_values) >= 2 for t in running):
-            break
-    workers = _children(process.pid)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    deadline = time.monotonic() + 30
-    while any(map(_alive, workers)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(map(_alive, workers)), "worker processes outlived their killed parent"
-    assert any(t.state == TrialState.RUNNING for t in trials_of(url, name))
-
-    rerun = WORKER_SCRIPT.format(repo=str(Path.cwd()), folder=str(tmp_path), text=text, jobs=1)
-    subprocess.run([sys.executable, "-c", rerun], check=True, capture_output=True, timeout=300)
-    trials = trials_of(url, name)
-    assert sum(storage.is_finished(t) for t in trials) == 3
-    assert not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
-    stale = [t for t in trials if t.state == TrialState.FAIL]
-    assert stale, "the killed trial should have been failed by its heartbeat"
-    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
-    assert {t.number for t in stale} <= retried
-
-
-@pytest.mark.slow
-def test_two_worker_processes_lose_nothing_and_duplicate_nothing(tmp_path, tiny):
-    run = run_tiny_study(tmp_path, tiny, study_text(trials=6), name="pair", jobs=2)
-    trials = trials_of(run.storage, run.summaries[0].study_name)
-    assert len(trials) == 6 and [t.number for t in trials] == list(range(6))
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
-
-
 def test_optunas_own_cli_reads_what_fmsearch_wrote(tiny_study):
     optuna_cli = Path(sys.executable).with_name("optuna")
     result = subprocess.run(
@@ -240,14 +152,6 @@ def test_a_bad_storage_url_is_one_line_with_the_fix():
         match="cannot open storage .mysql://nowhere/x.: its database driver is not installed",
     ):
         storage.open_storage("mysql://nowhere/x")
-
-
-def test_parallel_workers_run_on_a_storage_created_before_they_start(tmp_path, tiny):
-    """study.run creates the schema and the studies itself: its workers only ever load them."""
-    text = study_text(trials=1, max_epochs=1)
-    assert not (tmp_path / "studies.db").exists()
-    run = run_tiny_study(tmp_path, tiny, text, name="prepared", jobs=2)
-    assert len(trials_of(run.storage, run.summaries[0].study_name)) == 1
 
 
 DISTILL_STUDY = """
@@ -302,97 +206,6 @@ def test_the_pruner_waits_for_the_pseudo_label_warm_up(tmp_path, tiny):
     assert all(len(t.intermediate_values) >= 3 + 1 for t in pruned)
 
 
-@pytest.fixture(scope="module")
-def finished_study(tmp_path_factory, tiny):
-    """A one-condition study with 2 finished trials of 1 epoch, to change and rerun on copies."""
-    folder = tmp_path_factory.mktemp("fingerprint")
-    run_tiny_study(folder, tiny, study_text(trials=2, max_epochs=1), name="fp")
-    return folder / "studies.db"
-
-
-def _copy_of(finished_study: Path, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(finished_study, folder / "studies.db")
-    return folder
-
-
-SNAPSHOT = "fp/labels=100%"
-
-
-def _snapshot(storage_url: str) -> list[tuple]:
-    loaded = optuna.load_study(study_name=SNAPSHOT, storage=storage_url)
-    trials = [(t.number, t.state, t.value, t.params) for t in loaded.get_trials(deepcopy=False)]
-    return [trials, loaded.user_attrs["fingerprint"], loaded.user_attrs["fixed"]]
-
-
-@pytest.mark.parametrize(
-    "change,changed",
-    [
-        ({"fixed": "optimizer = 'sgd'"}, "fixed.optimizer: 'adam' -> 'sgd'"),
-        ({"space": SPACE.replace("high = 3e-3", "high = 5e-3")}, "space.lr.high: 0.003 -> 0.005"),
-        ({"space": SPACE.replace(", log = true", "")}, "space.lr.log: True -> False"),
-        ({"space": SPACE.replace("['plain', 'adaptive']", "['plain']")}, "space.arch.choices"),
-        ({"space": SPACE + "\nweight_decay = { low = 0.0, high = 0.001 }"}, "space.weight_decay added"),
-        ({"max_epochs": 2}, "max_epochs: 1 -> 2"),
-        ({"pruner": "name = 'median'"}, "pruner.name: 'none' -> 'median'"),
-    ],
-    ids=["fixed", "range", "log", "choices", "new-dimension", "max-epochs", "pruner"],
-)
-def test_a_changed_study_file_is_refused_before_training_and_names_the_change(
-    finished_study, tmp_path, tiny, change, changed
-):
-    folder = _copy_of(finished_study, tmp_path)
-    url = f"sqlite:///{folder}/studies.db"
-    before = _snapshot(url)
-    text = study_text(**{"trials": 2, "max_epochs": 1, **change})
-    with pytest.raises(study.StudyChanged) as refused:
-        run_tiny_study(folder, tiny, text, name="fp")
-    message = str(refused.value)
-    assert "\n" not in message and changed in message
-    assert message.startswith(f"study '{SNAPSHOT}' in {url} holds 2 trials run with other settings")
-    assert "--archive-changed" in message and "new name" in message
-    assert _snapshot(url) == before  # nothing trained, nothing overwritten
-    assert not (folder / "results").exists()
-
-
-def test_the_epochs_flag_counts_as_a_change_of_max_epochs(finished_study, tmp_path, tiny):
-    folder = _copy_of(finished_study, tmp_path)
-    with pytest.raises(study.StudyChanged, match="max_epochs: 1 -> 3"):
-        run_tiny_study(folder, tiny, study_text(trials=2, max_epochs=1), name="fp", epochs=3)
-
-
-def test_raising_trials_resumes_the_same_study(finished_study, tmp_path, tiny):
-    folder = _copy_of(finished_study, tmp_path)
-    url = f"sqlite:///{folder}/studies.db"
-    before = _snapshot(url)[0]
-    run_tiny_study(folder, tiny, study_text(trials=3, max_epochs=1), name="fp")
-    after = _snapshot(url)[0]
-    assert after[:2] == before and len(after) == 3
-
-
-def test_archive_changed_keeps_the_old_trials_and_starts_afresh(finished_study, tmp_path, tiny):
-    folder = _copy_of(finished_study, tmp_path)
-    url = f"sqlite:///{folder}/studies.db"
-    old_trials = _snapshot(url)[0]
-    text = study_text(trials=1, max_epochs=1, fixed="optimizer = 'sgd'")
-    run_tiny_study(folder, tiny, text, name="fp", archive_changed=True)
-    names = optuna.get_all_study_names(storage=url)
-    archived = [n for n in names if n.startswith("fp@archived-")]
-    assert len(archived) == 1 and archived[0].endswith("/labels=100%") and SNAPSHOT in names
-    kept = optuna.load_study(study_name=archived[0], storage=url)
-    assert [(t.number, t.state, t.value, t.params) for t in kept.trials] == old_trials
-    assert kept.user_attrs["fixed"] == {"optimizer": "adam"} and kept.user_attrs["archived_from"] == SNAPSHOT
-    fresh = optuna.load_study(study_name=SNAPSHOT, storage=url)
-    assert len(fresh.trials) == 1 and fresh.user_attrs["fixed"] == {"optimizer": "sgd"}
-    # the archived study keeps its weights in the storage: its best trial can still be scored
-    rdb = storage.open_storage(url)
-    metas = get_all_artifact_meta(kept.best_trial, storage=rdb)
-    assert [m.filename for m in metas] == ["weights.pt"]
-    assert storage.DatabaseArtifactStore(rdb).open_reader(metas[0].artifact_id).read()
-
-
-# With 1,000 pool images, 995 labeled leave 5 unlabeled: fewer than the 10 classes a stratified
-# split needs, so the trial raises inside fit, as a bug would, however the study file was checked.
 CRASHING = "labeled_count = 995"
 
 
@@ -405,7 +218,7 @@ def test_a_trial_that_raises_is_recorded_with_its_log_and_the_study_goes_on(tmp_
     assert crashed, [t.params for t in trials]  # the seed does draw the bad value
     for trial in crashed:
         assert trial.state == TrialState.FAIL and trial.params["labeled_count"] == 995
-        log = study.trial_log_path(run.options.results_dir, "crash/labels=100%", trial.number)
+        log = storage.trial_log_path(run.options.results_dir, "crash/labels=100%", trial.number)
         assert trial.user_attrs["error"] == (
             "ConfigError: a stratified pick of 995 of 1000 needs at least 10 labeled and 10 unlabeled "
             f"samples: change the labeled count or fraction (traceback in {log})"
@@ -425,18 +238,3 @@ def test_a_worker_stops_after_three_crashes_in_a_row_and_a_rerun_adds_at_most_th
         assert "ConfigError: a stratified pick of 995" in message and "fix the cause, then rerun" in message
         trials = trials_of(f"sqlite:///{tmp_path}/studies.db", "broken/labels=100%")
         assert len(trials) == 3 * run and all(t.state == TrialState.FAIL for t in trials)
-
-
-def test_a_worker_catches_ctrl_c_only_where_its_command_was_not_started_deaf_to_it():
-    """A shell without job control starts `fmsearch study ... &` with SIGINT ignored; a worker that
-    caught it anyway would stop under a parent that carries on (exit 1, not 130, in one CI run)."""
-    before = signal.getsignal(signal.SIGINT)
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        study._catch_interrupts()
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        study._catch_interrupts()
-        assert signal.getsignal(signal.SIGINT) is study._interrupt_once
-    finally:
-        signal.signal(signal.SIGINT, before)
