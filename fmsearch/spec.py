@@ -33,6 +33,7 @@ TOP_LEVEL = {
     "patience",
     "metric",
     "pool_limit",
+    "val_size",
     "sampler",
     "pruner",
     "fixed",
@@ -108,6 +109,7 @@ class StudySpec:
     patience: int  # early stopping, epochs without a lower validation loss
     metric: str  # maximized
     pool_limit: int | None  # train on a slice of the pool (smoke runs)
+    val_size: int | None  # images held out for validation (None: data.DataConfig's 10,000)
     sampler: SamplerSpec
     pruner: PrunerSpec
     fixed: dict[str, Any]
@@ -225,6 +227,14 @@ def _positive_int(path: Path, raw: dict, key: str, default: int | None) -> int |
     return value
 
 
+def _val_size(path: Path, raw: dict) -> int | None:
+    """At least one validation image per class, and a training pool left over of the 60,000."""
+    value = _positive_int(path, raw, "val_size", None)
+    if value is not None and not 10 <= value <= 50_000:
+        raise _fail(path, "val_size", f"{value} is out of range", "hold out between 10 and 50000 images")
+    return value
+
+
 def _read(path: Path) -> dict:
     try:
         text = path.read_bytes().decode("utf-8")
@@ -319,6 +329,7 @@ def parse(path: Path, text: str | None = None) -> StudySpec:
         patience=_positive_int(path, raw, "patience", 3),
         metric=metric,
         pool_limit=_positive_int(path, raw, "pool_limit", None),
+        val_size=_val_size(path, raw),
         sampler=_dataclass_from(path, "sampler", SamplerSpec, _section(path, raw, "sampler")),
         pruner=_dataclass_from(path, "pruner", PrunerSpec, _section(path, raw, "pruner")),
         fixed=fixed,

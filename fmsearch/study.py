@@ -123,10 +123,9 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 
 def data_config(spec: StudySpec, options: RunOptions) -> data.DataConfig:
-    """The data a study trains on: the run's data config with the spec's pool_limit on top."""
-    if spec.pool_limit is None:
-        return options.data_config
-    return replace(options.data_config, pool_limit=spec.pool_limit)
+    """The data a study trains on: the run's data config with the spec's pool_limit and val_size on top."""
+    limits = {"pool_limit": spec.pool_limit, "val_size": spec.val_size}
+    return replace(options.data_config, **{k: v for k, v in limits.items() if v is not None})
 
 
 def load_splits(spec: StudySpec, options: RunOptions) -> data.Splits:

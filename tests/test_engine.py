@@ -266,7 +266,8 @@ def test_the_confusion_counts_match_scikit_learns():
 
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 10, (500,), generator=generator)
-    predictions = torch.where(torch.rand(500, generator=generator) < 0.7, labels, torch.randint(0, 10, (500,)))
+    guesses = torch.randint(0, 10, (500,), generator=generator)
+    predictions = torch.where(torch.rand(500, generator=generator) < 0.7, labels, guesses)
     evaluation = engine.Evaluation(loss=0.0, accuracy=0.0, predictions=predictions)
     expected = confusion_matrix(labels.numpy(), predictions.numpy(), labels=list(range(10))).tolist()
     assert engine.confusion(evaluation, labels) == expected

@@ -56,6 +56,7 @@ BAD = [
     ("[fixed]\ndropout = 1.5", "fixed.dropout: 1.5 is out of range; dropout must be in [0, 1)"),
     ("[fixed]\nlr = 1e-3\n[space]\nlr = [1e-3]", "space.lr: also set in [fixed]"),
     ("trials = [", "not valid TOML"),
+    ("val_size = 5", "val_size: 5 is out of range; hold out between 10 and 50000 images"),
 ]
 # Every value, whether fixed, a condition, a choice or a range's end, meets TrainConfig's own rule.
 OUT_OF_RANGE = [
