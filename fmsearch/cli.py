@@ -22,7 +22,7 @@ RESULTS_DIR = Path("results")
 
 DEVICE_HELP = "cpu, cuda or mps (default: the best available)"
 STORAGE_HELP = f"Optuna storage URL (default ${storage.ENV_URL}, else {storage.DEFAULT_URL})"
-OS_FAULTS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+OS_FAULTS = (*storage.DISK_FULL, errno.EACCES, errno.EPERM)  # what a user can fix by hand
 DEVICE = re.compile(r"cpu|mps|cuda(:[0-9]+)?")  # what torch.device accepts of the devices fmsearch runs on
 REPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(@archived-[0-9]{8}T[0-9]{6}Z)?")
 

@@ -8,6 +8,7 @@ line that names the storage with its password hidden (`fault_message`).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
@@ -33,6 +34,7 @@ DEFAULT_URL = "sqlite:///results/studies.db"
 ENV_URL = "FMSEARCH_STORAGE"  # keeps a password off the command line and out of `ps`
 SQLITE_BUSY_TIMEOUT = 120  # seconds a writer waits for another instead of failing "database is locked"
 CONNECT_TIMEOUT = 10  # seconds before an unreachable PostgreSQL server is reported, not waited on
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)  # a write that cannot fit
 WEIGHTS_FILE = "weights.pt"  # a trial's best-epoch state dict, as an artifact of the trial
 
 

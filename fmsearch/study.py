@@ -8,7 +8,6 @@ trials mean), workers.py (several processes), cost.py (what a study will cost).
 
 from __future__ import annotations
 
-import errno
 import functools
 import io
 import json
@@ -35,7 +34,6 @@ from fmsearch.spec import StudySpec, suggest
 from fmsearch.storage import CRASHED, DIVERGED, INTERRUPTED, PRUNED, STALE, Attr, is_finished
 
 MAX_CONSECUTIVE_CRASHES = 3  # a worker stops after this many trials in a row raised an error
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
 
 
 class TrialCrashed(RuntimeError):
@@ -200,7 +198,7 @@ class Objective:
         except Exception as error:
             if storage.is_fault(error):
                 raise  # the storage itself failed: nothing can be recorded, the run stops
-            if isinstance(error, OSError) and error.errno in DISK_FULL:
+            if isinstance(error, OSError) and error.errno in storage.DISK_FULL:
                 raise StudyError(
                     f"{self.study_name} #{trial.number}: cannot save its weights ({error.strerror}): "
                     "free disk space (the temporary folder and the storage's), then rerun; "
@@ -369,21 +367,23 @@ def evaluate_best(
 ) -> dict[str, Any] | None:
     """Score the best trial once on the test set; store the result on the study. None if no trial.
 
-    The weights come from the storage, so any machine that reaches it gets the same score.
+    The weights come from the storage, so any machine that reaches it gets the same score, and each
+    copies them to its results folder, also where another machine scored them first.
     """
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not complete:
         return None
     best = study.best_trial
-    previous = study.user_attrs.get(Attr.TEST)
-    if previous and previous.get("trial") == best.number:
-        return previous
     body = storage.kept_weights(artifacts, study, best)
     if body is None:
         raise StudyError(
             f"{study.study_name}: its best trial #{best.number} has no weights in the storage (it ran "
             "before fmsearch kept them there): archive the study with --archive-changed and rerun it"
         )
+    _copy_weights(body, storage.best_weights_path(results_dir, study.study_name))
+    previous = study.user_attrs.get(Attr.TEST)
+    if previous and previous.get("trial") == best.number:
+        return previous
     device = splits.test_images.device
     config = engine.TrainConfig(**best.user_attrs[Attr.CONFIG])
     model = build_model(config.arch, config.dropout).to(device)
@@ -398,15 +398,18 @@ def evaluate_best(
         "confusion": engine.confusion(evaluation, splits.test_labels),
         "classes": list(data.CLASSES),
     }
-    try:
-        storage.write_bytes_atomic(storage.best_weights_path(results_dir, study.study_name), body)
-    except OSError as error:
-        raise StudyError(
-            f"cannot write {storage.best_weights_path(results_dir, study.study_name)} ({error.strerror}): "
-            "free disk space, then rerun; the weights stay in the storage"
-        ) from None
     study.set_user_attr(Attr.TEST, record)
     return record
+
+
+def _copy_weights(body: bytes, path: Path) -> None:
+    try:
+        storage.write_bytes_atomic(path, body)
+    except OSError as error:
+        raise StudyError(
+            f"cannot write {path} ({error.strerror}): free disk space, then rerun; the weights stay in "
+            "the storage"
+        ) from None
 
 
 def summarize(study: optuna.Study) -> ConditionSummary:
@@ -433,11 +436,8 @@ def run(
     if options.jobs == 1:
         work(spec, options, 0, reporter_factory, splits)
     else:
-        workers.run(
-            functools.partial(work, spec, options, reporter_factory=reporter_factory),
-            options.jobs,
-            options.storage,
-        )
+        target = functools.partial(work, spec, options, reporter_factory=reporter_factory)
+        workers.run(target, options.jobs, options.storage)
     rdb = storage.open_storage(options.storage)
     artifacts = storage.DatabaseArtifactStore(rdb)
     summaries = []
