@@ -2,8 +2,9 @@
 0.25, batch 64, early stopping on validation loss with patience 3, at most 30 epochs, every label),
 trained as float32 with every speed setting off and with the settings chosen here, seeds 0-2, both
 CNNs, paired by seed. The chosen run's final weights are also scored in bf16 and in float32, to check
-that evaluation may run in bf16. Writes accuracy.json beside this file after every run (a rerun skips
-the runs it holds).
+that evaluation may run in bf16. Writes accuracy-<capability>.json beside this file after every run,
+one file per CPU capability torch reports (avx2, avx512, ...), since the choice differs by machine; a
+rerun skips the runs that file holds.
 
     .venv/bin/python results/speed/accuracy.py
 """
@@ -18,7 +19,8 @@ import torch
 
 from fmsearch import data, engine, speed
 
-OUT = Path(__file__).with_name("accuracy.json")
+CAPABILITY = speed.machine(torch.device("cpu")).get("cpu_capability", "cpu").lower()
+OUT = Path(__file__).with_name(f"accuracy-{CAPABILITY}.json")
 BASE = engine.TrainConfig(epochs=30, patience=3)
 MODES = {"float32": {"amp": False, "channels_last": False, "compile": False}, "chosen": {}}
 
