@@ -15,7 +15,6 @@ float32 with every speed setting off, so the report shows what the choice is wor
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import statistics
 import time
@@ -31,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from fmsearch import data, engine, speed
+from fmsearch import data, engine, files, speed
 from fmsearch.config import SWITCHES as OPTIONS  # each timed alone on float32
 from fmsearch.models import ARCHITECTURES, build_model
 from fmsearch.speed import sync
@@ -321,9 +320,4 @@ def run(config: BenchConfig, device: torch.device, data_config: data.DataConfig 
 
 def save(record: dict, folder: Path, stem: str) -> Path:
     """Write `record` as folder/STEM.json atomically (a temporary file, then a rename)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.json"
-    partial = folder / f".{stem}.json.partial"
-    partial.write_text(json.dumps(record, indent=1))
-    os.replace(partial, path)
-    return path
+    return files.write_json(Path(folder) / f"{stem}.json", record)

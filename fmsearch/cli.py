@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import re
 import sys
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fmsearch import storage
+from fmsearch import files, storage
 from fmsearch.config import ARCHITECTURE_NAMES, SETTINGS, SWITCHES, TrainConfig
 
 STUDIES_DIR = Path("studies")
@@ -251,7 +250,7 @@ def describe_execution(run) -> str:
 
 
 def _write_json(path: Path, record: dict) -> None:
-    storage.write_bytes_atomic(path, json.dumps(record, indent=1).encode())
+    files.write_json(path, record)
 
 
 def cmd_study(args: argparse.Namespace) -> None:

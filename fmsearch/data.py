@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 import subprocess
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from fmsearch.errors import FmsearchError
+from fmsearch.files import write_atomic
 
 # torchvision's FashionMNIST.classes. torchvision itself is imported only to download: importing it
 # cost 3.7 s of CPU per process (AMD EPYC, 2026-12-02), and every study worker loads the data.
@@ -75,6 +77,18 @@ def _have_raw(root: Path, checksums: dict[str, tuple[int, str]]) -> bool:
     return all((raw_folder(root) / name).exists() for name in checksums)
 
 
+def _gunzip(source: Path, target: Path) -> None:
+    """Decompress `source` into `target`; a truncated or damaged archive is a DataError naming it."""
+    try:
+        with gzip.open(source, "rb") as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise DataError(
+            f"{source} is truncated or damaged ({error}): reinstall the package that holds it, "
+            "or delete it and run `make data`"
+        ) from None
+
+
 def _decompress_from(folder: Path, root: Path, checksums: dict[str, tuple[int, str]]) -> bool:
     sources = [folder / f"{name}.gz" for name in checksums]
     if not all(p.exists() for p in sources):
@@ -82,10 +96,7 @@ def _decompress_from(folder: Path, root: Path, checksums: dict[str, tuple[int, s
     raw_folder(root).mkdir(parents=True, exist_ok=True)
     for source in sources:
         target = raw_folder(root) / source.stem
-        partial = target.with_suffix(".partial")
-        with gzip.open(source, "rb") as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        partial.replace(target)  # atomic: a killed copy never leaves a half file under the real name
+        write_atomic(target, functools.partial(_gunzip, source))  # never half a file under the real name
     return True
 
 

@@ -26,8 +26,9 @@ import seaborn as sns  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from fmsearch.errors import FmsearchError  # noqa: E402
+from fmsearch.files import write_atomic  # noqa: E402
 from fmsearch.spec import is_semi  # noqa: E402
-from fmsearch.storage import DIVERGED, Attr, is_finished, study_name_parts, write_atomic  # noqa: E402
+from fmsearch.storage import DIVERGED, Attr, is_finished, study_name_parts  # noqa: E402
 
 DPI = 160
 CURVE_PANELS = (

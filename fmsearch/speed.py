@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fmsearch import files
 from fmsearch.config import SETTINGS
 from fmsearch.models import build_model
 
@@ -168,13 +169,8 @@ def choose(device_name: str) -> Execution:
         "choice": asdict(choice),
         "timings": timings,
     }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(record, indent=1))
-        os.replace(partial, path)
-    except OSError:
-        pass  # a read-only home: the choice holds for this process and is measured again next time
+    with contextlib.suppress(OSError):  # a read-only home: the choice holds for this process only
+        files.write_json(path, record)
     return replace(choice, device=device_name)
 
 

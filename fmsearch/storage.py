@@ -17,7 +17,6 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -398,23 +397,3 @@ def best_weights_path(results_dir: Path, name: str) -> Path:
 def trial_log_path(results_dir: Path, name: str, number: int) -> Path:
     """results/<spec>/logs/<condition>-trial-N.log: the traceback of a trial that raised."""
     return Path(results_dir) / study_name_parts(name)[0] / "logs" / f"{slug(name)}-trial-{number}.log"
-
-
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
-    """Have `write` fill a temporary file beside `path`, then rename it into place.
-
-    A reader sees the old file or the new one, never half of one; a failed write leaves no debris.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        write(partial)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
-
-
-def write_bytes_atomic(path: Path, body: bytes) -> Path:
-    return write_atomic(path, lambda partial: partial.write_bytes(body))

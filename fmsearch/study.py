@@ -26,7 +26,7 @@ import torch
 from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from fmsearch import data, engine, runner, semi, speed, storage, workers
+from fmsearch import data, engine, files, runner, semi, speed, storage, workers
 from fmsearch.errors import StudyError
 from fmsearch.lineage import fingerprint, settle_changes
 from fmsearch.models import build_model
@@ -211,9 +211,7 @@ class Objective:
         reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
         log = storage.trial_log_path(self.options.results_dir, self.study_name, trial.number)
         try:
-            storage.write_atomic(
-                log, lambda path: path.write_text("".join(traceback.format_exception(error)))
-            )
+            files.write_atomic(log, lambda path: path.write_text("".join(traceback.format_exception(error))))
             reason += f" (traceback in {log})"
         except OSError:
             reason += " (its traceback could not be written under results/)"
@@ -404,7 +402,7 @@ def evaluate_best(
 
 def _copy_weights(body: bytes, path: Path) -> None:
     try:
-        storage.write_bytes_atomic(path, body)
+        files.write_bytes(path, body)
     except OSError as error:
         raise StudyError(
             f"cannot write {path} ({error.strerror}): free disk space, then rerun; the weights stay in "

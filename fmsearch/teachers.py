@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from fmsearch.data import Splits
 from fmsearch.engine import TrainConfig, fit, logits_of, score_by_monitor
+from fmsearch.files import write_atomic, write_json
 from fmsearch.semi import LabeledSubset
 from fmsearch.speed import SETTINGS, Execution, settle
 
@@ -139,16 +139,12 @@ def _train_or_load(
         }
         _atomic_save(result.best_state, folder / f"{name}.pt")
         _atomic_save({name: views.cpu() for name, views in logits.items()}, logits_path)
-        partial = record_path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(record, indent=1))
-        os.replace(partial, record_path)  # the record last: it marks the entry complete
+        write_json(record_path, record)  # the record last: it marks the entry complete
         return record, logits
 
 
 def _atomic_save(obj, path: Path) -> None:
-    partial = path.with_suffix(path.suffix + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)
+    write_atomic(path, lambda partial: torch.save(obj, partial))
 
 
 def _ensemble(views: list[torch.Tensor], temperature: float) -> torch.Tensor:

@@ -102,3 +102,14 @@ def test_pool_limit_keeps_a_stratified_slice(tiny):
     splits = tiny.splits(pool_limit=500)
     assert len(splits.train_labels) == 500
     assert torch.bincount(splits.train_labels, minlength=10).tolist() == [50] * 10
+
+
+def test_a_truncated_debian_archive_is_one_data_error_naming_it_and_leaves_no_partial_file(tmp_path, tiny):
+    debian = tmp_path / "debian"
+    gzip_into(debian, data.raw_folder(tiny.root))
+    archive = debian / "train-images-idx3-ubyte.gz"
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    root = tmp_path / "data"
+    with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz is truncated or damaged.*make data"):
+        data.ensure(root, tiny.checksums, debian_dir=debian)
+    assert not [p for p in data.raw_folder(root).iterdir() if "partial" in p.name]
