@@ -38,6 +38,13 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP) ## create .venv and install fmsearch with its dev tools and PostgreSQL driver
 
 data: $(STAMP) ## find, fetch and verify Fashion-MNIST (local files, Debian's package, then download)
+	@if [ ! -e "$${FMSEARCH_DATA:-data}/FashionMNIST/raw/t10k-labels-idx1-ubyte" ] && \
+		[ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
+		echo "dataset-fashion-mnist could not be installed: fmsearch will try torchvision's download"; \
+	fi
 	$(BIN)/fmsearch data
 
 browser: ## install Debian's chromium for the dashboard browser test (when apt is there and we are root)

@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import struct
-import subprocess
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,18 +99,6 @@ def _decompress_from(folder: Path, root: Path, checksums: dict[str, tuple[int, s
     return True
 
 
-def _apt_install() -> bool:
-    """Install Debian's Fashion-MNIST package; True on success. Only as root, only with apt."""
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        return False
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", DEBIAN_PACKAGE]
-    if subprocess.run(install, capture_output=True, env=env).returncode == 0:
-        return True
-    subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)  # the list may be stale
-    return subprocess.run(install, capture_output=True, env=env).returncode == 0
-
-
 def ensure(
     root: Path | None = None,
     checksums: dict[str, tuple[int, str]] = CHECKSUMS,
@@ -119,16 +106,14 @@ def ensure(
 ) -> str:
     """Make the raw files exist and verify them; return which source was used.
 
-    Order: files already under root, Debian's package files, `apt-get install` of that package
-    (root only), then torchvision's download.
+    Order: files already under root, Debian's package files, then torchvision's download. Installing
+    Debian's package is `make data`'s job; library code runs no package manager.
     """
     root = Path(root or data_root())
     if _have_raw(root, checksums):
         source = f"local files in {raw_folder(root)}"
     elif _decompress_from(debian_dir, root, checksums):
         source = f"Debian's {DEBIAN_PACKAGE} in {debian_dir}"
-    elif _apt_install() and _decompress_from(debian_dir, root, checksums):
-        source = f"Debian's {DEBIAN_PACKAGE}, installed now with apt-get"
     else:
         from torchvision.datasets import FashionMNIST
 
@@ -137,7 +122,8 @@ def ensure(
             FashionMNIST(str(root), train=False, download=True)
         except Exception as error:  # torchvision raises bare RuntimeError/URLError on no network
             raise DataError(
-                f"could not download Fashion-MNIST ({error}): install Debian's {DEBIAN_PACKAGE} "
+                f"could not download Fashion-MNIST ({error}): run `make data` (it installs Debian's "
+                f"{DEBIAN_PACKAGE} where it can), `apt-get install {DEBIAN_PACKAGE}`, "
                 f"or put the four raw files in {raw_folder(root)}"
             ) from None
         source = "torchvision's download"
