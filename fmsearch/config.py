@@ -63,19 +63,30 @@ class TrainConfig:
         0, "pseudo: labeled-only epochs before unlabeled batches count", low=0, objectives=("pseudo",)
     )
     teachers: int = param(
-        5, "distill: labels-only teachers, each on its own seed", low=1, objectives=("distill",)
+        5, "distill: labels-only teachers, each on its own seed", low=1, objectives=("distill",), recipe=True
     )
-    teacher_epochs: int = param(30, "distill: most epochs of each teacher", low=1, objectives=("distill",))
+    teacher_epochs: int = param(
+        30, "distill: most epochs of each teacher", low=1, objectives=("distill",), recipe=True
+    )
     temperature: float = param(
-        1.0, "distill: softmax temperature of the targets", low=0.0, low_open=True, objectives=("distill",)
+        1.0,
+        "distill: softmax temperature of the targets",
+        low=0.0,
+        low_open=True,
+        objectives=("distill",),
+        recipe=True,
     )
     tta: bool = param(
         True,
         "distill: average each flip-trained teacher over the image and its mirror",
         objectives=("distill",),
+        recipe=True,
     )
     align: bool = param(
-        True, "distill: rescale the targets to the pool's even class mix", objectives=("distill",)
+        True,
+        "distill: rescale the targets to the pool's even class mix",
+        objectives=("distill",),
+        recipe=True,
     )
     vat_eps: float = param(
         4.0,  # the small texture task's best: 2 lost to skip with entropy minimisation (test_semi)
@@ -109,9 +120,12 @@ class TrainConfig:
         check(self)
 
     def objective_settings(self) -> dict[str, Any]:
-        """The fields that the chosen `unlabeled` objective reads: its constructor's keyword arguments."""
+        """The fields that the chosen `unlabeled` objective reads: its constructor's keyword arguments.
+
+        The teacher recipe's fields (`recipe`) shape distill's targets, and teachers.build reads them.
+        """
         return {
             p.name: getattr(self, p.name)
             for p in parameters(TrainConfig).values()
-            if self.unlabeled in p.objectives
+            if self.unlabeled in p.objectives and not p.recipe
         }

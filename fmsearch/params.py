@@ -27,7 +27,8 @@ class Param:
     low_open: bool = False
     high_open: bool = False
     choices: tuple = ()
-    objectives: tuple[str, ...] = ()  # read only by these `unlabeled` objectives, so only in semi runs
+    objectives: tuple[str, ...] = ()  # meaningful only for these `unlabeled` objectives (semi runs)
+    recipe: bool = False  # how distill's targets are made: read by teachers.build, not the objective
     semi: bool = False  # means something only when some training labels are hidden
     study: bool = True  # False: a study sets it from a top-level key (max_epochs, batch_size, patience)
     name: str = ""  # the rest is filled in by `parameters` from the field

@@ -336,21 +336,9 @@ class Distill(UnlabeledObjective):
 
     steps_alone = True
 
-    def __init__(
-        self,
-        targets: torch.Tensor,
-        lambda_u: float,
-        teachers: int = 5,
-        teacher_epochs: int = 30,
-        temperature: float = 1.0,
-        tta: bool = True,
-        align: bool = True,
-    ):
+    def __init__(self, targets: torch.Tensor, lambda_u: float):
         self.targets = targets
         self.lambda_u = lambda_u
-        # How the targets were made (teachers.build reads them from the config); kept for the record.
-        self.teachers, self.teacher_epochs = teachers, teacher_epochs
-        self.temperature, self.tta, self.align = temperature, tta, align
 
     def __call__(self, model, indices, images, normalize, generator):
         pixels = weak_augment(images.unsqueeze(1).float() / 255.0, generator)
