@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,10 @@ def test_train_prints_the_epoch_table_and_the_test_score(tmp_path):
     assert [line.split()[0] for line in lines[1:3]] == ["1", "2"]
     test_accuracy = float(lines[-1].split()[-1])
     assert lines[-1].startswith("test_loss") and 0.7 < test_accuracy <= 1.0
+    # The rule that keeps the best epoch is named, and only the kept epoch's test score is printed.
+    assert re.search(r"best epoch \d by val_loss", result.stdout)
+    assert result.stdout.count("test_accuracy") == 1
+    assert "--monitor repeats one" in result.stdout
     assert (tmp_path / "run.json").exists()
 
 
