@@ -302,9 +302,8 @@ def cmd_study(args: argparse.Namespace) -> None:
         if summary.best_value is None:
             print("  no complete trial")
             continue
-        test = summary.test or {}
         print(f"  best trial #{summary.best_trial}: val_accuracy {summary.best_value:.4f}", end="")
-        print(f", test_accuracy {test['test_accuracy']:.4f}" if test else "")
+        print(f", test_accuracy {summary.test.test_accuracy:.4f}" if summary.test else "")
         for key, value in summary.best_params.items():
             print(f"  {key:>16} = {value:.4g}" if isinstance(value, float) else f"  {key:>16} = {value}")
 

@@ -28,7 +28,7 @@ from optuna.trial import TrialState  # noqa: E402
 from fmsearch.errors import FmsearchError  # noqa: E402
 from fmsearch.files import write_atomic  # noqa: E402
 from fmsearch.spec import is_semi  # noqa: E402
-from fmsearch.storage import DIVERGED, Attr, is_finished, study_name_parts  # noqa: E402
+from fmsearch.storage import DIVERGED, Attr, BestTrialScore, is_finished, study_name_parts  # noqa: E402
 
 DPI = 160
 CURVE_PANELS = (
@@ -51,7 +51,7 @@ class Condition:
     label: str  # "labels=10%", or the study name for a study without conditions
     labeled_fraction: float
     trials: list[optuna.trial.FrozenTrial]
-    test: dict[str, Any] | None = None
+    test: BestTrialScore | None = None
     colour: Any = None
     finished: list[optuna.trial.FrozenTrial] = field(default_factory=list)
 
@@ -80,7 +80,7 @@ def load_conditions(storage, name: str) -> list[Condition]:
                 label=study_name_parts(study_name)[1] or study_name,
                 labeled_fraction=fraction,
                 trials=trials,
-                test=study.user_attrs.get(Attr.TEST),
+                test=BestTrialScore.of(study),
                 finished=[t for t in trials if is_finished(t)],
             )
         )
@@ -216,15 +216,13 @@ def plot_fraction(conditions: list[Condition], out: Path) -> Path | None:
     tested = [c for c in conditions if c.test]
     right.plot(
         [c.labeled_fraction for c in tested],
-        [c.test["test_accuracy"] for c in tested],
+        [c.test.test_accuracy for c in tested],
         color="0.35",
         linewidth=1.2,
         zorder=1,
     )
     for c in tested:
-        right.scatter(
-            c.labeled_fraction, c.test["test_accuracy"], color=c.colour, s=70, zorder=2, label=c.label
-        )
+        right.scatter(c.labeled_fraction, c.test.test_accuracy, color=c.colour, s=70, zorder=2, label=c.label)
     for ax, title, reference in (
         (
             left,
@@ -234,7 +232,7 @@ def plot_fraction(conditions: list[Condition], out: Path) -> Path | None:
         (
             right,
             "Test accuracy of each condition's best trial",
-            full[0].test["test_accuracy"] if full and full[0].test else None,
+            full[0].test.test_accuracy if full and full[0].test else None,
         ),
     ):
         if reference is not None:
@@ -389,13 +387,13 @@ def plot_confusion(conditions: list[Condition], out: Path) -> Path | None:
     tested = [c for c in conditions if c.test]
     if not tested:
         return None
-    classes = tested[0].test["classes"]
+    classes = tested[0].test.classes
     fig, axes = plt.subplots(
         1, len(tested) + 1, figsize=(6.2 * len(tested) + 6, 5.6), constrained_layout=True
     )
     per_class = []
     for ax, c in zip(axes[: len(tested)], tested, strict=True):
-        matrix = np.array(c.test["confusion"], dtype=float)
+        matrix = np.array(c.test.confusion, dtype=float)
         rates = matrix / matrix.sum(axis=1, keepdims=True)
         sns.heatmap(
             rates,
@@ -412,7 +410,7 @@ def plot_confusion(conditions: list[Condition], out: Path) -> Path | None:
             annot_kws={"fontsize": 7},
         )
         ax.set_title(
-            f"{c.label}: best trial #{c.test['trial']}, test accuracy {c.test['test_accuracy']:.4f}",
+            f"{c.label}: best trial #{c.test.trial}, test accuracy {c.test.test_accuracy:.4f}",
             fontsize=10,
         )
         ax.set_xlabel("predicted class")
@@ -449,7 +447,7 @@ def summary_markdown(name: str, conditions: list[Condition], images: list[Path],
     lines = [f"# Study `{name}`", ""]
     if description:
         lines += [description, ""]
-    answer = [f"{c.label}: test accuracy {c.test['test_accuracy']:.4f}" for c in conditions if c.test]
+    answer = [f"{c.label}: test accuracy {c.test.test_accuracy:.4f}" for c in conditions if c.test]
     if answer:
         lines += [
             "**" + "; ".join(answer) + "** (best trial of each condition, scored once on the test set)",
@@ -474,7 +472,7 @@ def summary_markdown(name: str, conditions: list[Condition], images: list[Path],
         lines += [
             f"| validation accuracy | {best.value:.4f} "
             f"(trial #{best.number}, epoch {best.user_attrs.get(Attr.BEST_EPOCH)}) |",
-            f"| test accuracy | {c.test['test_accuracy']:.4f} |"
+            f"| test accuracy | {c.test.test_accuracy:.4f} |"
             if c.test
             else "| test accuracy | not scored yet |",
             f"| trials complete / pruned / failed | {states[TrialState.COMPLETE]} / "

@@ -17,6 +17,7 @@ import re
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -70,6 +71,30 @@ DIVERGED = "diverged"  # its loss became NaN: a result, it counts
 CRASHED = "crashed"  # it raised: not a result, it does not count
 INTERRUPTED = "interrupted"  # Ctrl-C: it does not count
 STALE = "stale"  # its worker died (no heartbeat): it does not count
+
+
+@dataclass(frozen=True)
+class BestTrialScore:
+    """The best trial's one test-set score, kept on its condition's study (Attr.TEST)."""
+
+    trial: int
+    val_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    confusion: list[list[int]]  # rows: true class, columns: predicted
+    classes: list[str]
+
+    def save(self, study: optuna.Study) -> None:
+        study.set_user_attr(Attr.TEST, asdict(self))
+
+    @classmethod
+    def of(cls, study: optuna.Study | optuna.study.StudySummary) -> BestTrialScore | None:
+        """The study's score, or None where it has none or holds one of another shape (an older
+        fmsearch's): `fmsearch study` then scores the best trial again."""
+        record = study.user_attrs.get(Attr.TEST)
+        if not isinstance(record, dict) or set(record) != {f.name for f in fields(cls)}:
+            return None
+        return cls(**record)
 
 
 class StorageError(FmsearchError):

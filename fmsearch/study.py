@@ -70,7 +70,7 @@ class ConditionSummary:
     best_value: float | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
     best_trial: int | None = None
-    test: dict[str, Any] | None = None
+    test: storage.BestTrialScore | None = None
 
 
 class TrialProgress(engine.Progress, Protocol):
@@ -362,7 +362,7 @@ def _next_trial(
 
 def evaluate_best(
     study: optuna.Study, splits: data.Splits, results_dir: Path, artifacts: storage.DatabaseArtifactStore
-) -> dict[str, Any] | None:
+) -> storage.BestTrialScore | None:
     """Score the best trial once on the test set; store the result on the study. None if no trial.
 
     The weights come from the storage, so any machine that reaches it gets the same score, and each
@@ -379,8 +379,8 @@ def evaluate_best(
             "before fmsearch kept them there): archive the study with --archive-changed and rerun it"
         )
     _copy_weights(body, storage.best_weights_path(results_dir, study.study_name))
-    previous = study.user_attrs.get(Attr.TEST)
-    if previous and previous.get("trial") == best.number:
+    previous = storage.BestTrialScore.of(study)
+    if previous and previous.trial == best.number:
         return previous
     device = splits.test_images.device
     config = engine.TrainConfig(**best.user_attrs[Attr.CONFIG])
@@ -388,16 +388,16 @@ def evaluate_best(
     model.load_state_dict(torch.load(io.BytesIO(body), weights_only=True, map_location=device))
     run = speed.settle(config, device)
     evaluation = engine.evaluate(model, splits.test_images, splits.test_labels, splits.normalize, run)
-    record = {
-        "trial": best.number,
-        "test_loss": evaluation.loss,
-        "test_accuracy": evaluation.accuracy,
-        "val_accuracy": best.value,
-        "confusion": engine.confusion(evaluation, splits.test_labels),
-        "classes": list(data.CLASSES),
-    }
-    study.set_user_attr(Attr.TEST, record)
-    return record
+    score = storage.BestTrialScore(
+        trial=best.number,
+        val_accuracy=best.value,
+        test_loss=evaluation.loss,
+        test_accuracy=evaluation.accuracy,
+        confusion=engine.confusion(evaluation, splits.test_labels),
+        classes=list(data.CLASSES),
+    )
+    score.save(study)
+    return score
 
 
 def _copy_weights(body: bytes, path: Path) -> None:
@@ -416,7 +416,7 @@ def summarize(study: optuna.Study) -> ConditionSummary:
     if any(t.state == TrialState.COMPLETE for t in trials):
         best = study.best_trial
         summary.best_value, summary.best_params, summary.best_trial = best.value, best.params, best.number
-    summary.test = study.user_attrs.get(Attr.TEST)
+    summary.test = storage.BestTrialScore.of(study)
     return summary
 
 
