@@ -46,7 +46,7 @@ def visible_text(page: str) -> str:
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # pytest-xdist interleaves the group's modules; one server per worker
 def dashboard(tiny_study, tmp_path_factory):
     """`fmsearch report` then `fmsearch dashboard` on a copy of the tiny study's storage.
 
