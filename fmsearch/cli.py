@@ -221,7 +221,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     test = by_monitor[config.monitor]  # the weights the run keeps, scored once
     print(f"execution: {describe_execution(result.execution)}")
     print(
-        f"device {device}, {result.labeled_count} labeled images, stopped: {result.stop_reason}, "
+        f"device {device}, {result.labeled_images} labeled images, stopped: {result.stop_reason}, "
         f"best epoch {result.best_epoch} by {config.monitor} (val_accuracy {result.best['val_accuracy']:.4f})"
     )
     # The rule was fixed before training; the other rules' picks are shown by validation alone (their

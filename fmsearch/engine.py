@@ -166,7 +166,7 @@ class FitResult:
     stop_reason: str = MAX_EPOCHS  # or EARLY_STOPPED, PRUNED (storage's stop reasons)
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)  # CPU copy of best weights
     seconds: float = 0.0  # wall time of the whole fit
-    labeled_count: int = 0
+    labeled_images: int = 0  # how many the run trained on (config.labeled_count asks for a number)
     best_by: dict[str, tuple[int, dict]] = field(default_factory=dict)  # monitor -> (epoch, CPU weights)
     ema_model: nn.Module | None = None  # the moving average of the weights at the last epoch, with ema > 0
     execution: Execution | None = None  # how it ran: the settings chosen for this machine, or forced
@@ -406,7 +406,7 @@ def fit(
     if config.patience is not None:
         stoppers.append(EarlyStopping(config.patience, config.monitor, from_epoch=run.warmup_epochs + 1))
     result = FitResult(
-        model=run.model, labeled_count=len(subset.labeled), ema_model=run.ema_model, execution=execution
+        model=run.model, labeled_images=len(subset.labeled), ema_model=run.ema_model, execution=execution
     )
     with execution.threaded():
         for epoch in range(1, config.epochs + 1):

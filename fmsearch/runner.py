@@ -42,10 +42,10 @@ class Run:
             Attr.SECONDS: result.seconds,
             Attr.EXECUTION: result.execution.record(),
             Attr.IMAGES_PER_SECOND: statistics.median(h["images_per_second"] for h in result.history),
-            Attr.LABELED_COUNT: result.labeled_count,
+            Attr.LABELED_IMAGES: result.labeled_images,
         }
         if self.team is not None:
-            record[Attr.TEACHERS] = teachers_record(self.team)
+            record[Attr.TEACHER_TEAM] = teachers_record(self.team)
         return record
 
 

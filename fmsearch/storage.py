@@ -58,8 +58,8 @@ class Attr:
     SECONDS = "seconds"
     EXECUTION = "execution"  # speed.Execution: how the trial ran (chosen for its machine, or forced)
     IMAGES_PER_SECOND = "images_per_second"  # the median epoch's training rate
-    LABELED_COUNT = "labeled_count"  # labeled images the run trained on
-    TEACHERS = "teachers"  # distill's teachers: count, cost and accuracies (runner.teachers_record)
+    LABELED_IMAGES = "labeled_images"  # labeled images the run trained on (not the config's request)
+    TEACHER_TEAM = "teacher_team"  # distill's teachers: count, cost and accuracies (runner.teachers_record)
     ERROR = "error"
 
 

@@ -246,7 +246,7 @@ class Objective:
                 hooks=[report_and_prune],
                 progress=progress,
                 execution=execution,
-                on_teachers=lambda team: trial.set_user_attr(Attr.TEACHERS, runner.teachers_record(team)),
+                on_teachers=lambda team: trial.set_user_attr(Attr.TEACHER_TEAM, runner.teachers_record(team)),
             )
         except engine.DivergenceError as error:
             trial.set_user_attr(Attr.STOP_REASON, DIVERGED)

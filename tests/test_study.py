@@ -65,8 +65,8 @@ def test_the_best_trial_of_each_condition_is_scored_once_on_the_test_set(tiny_st
 
 def test_labeled_count_is_recorded_per_condition(tiny_study):
     full, half = (trials_of(tiny_study.storage, s.study_name) for s in tiny_study.summaries)
-    assert {t.user_attrs["labeled_count"] for t in full} == {1000}
-    assert {t.user_attrs["labeled_count"] for t in half} == {500}
+    assert {t.user_attrs["labeled_images"] for t in full} == {1000}
+    assert {t.user_attrs["labeled_images"] for t in half} == {500}
 
 
 def test_rerunning_resumes_and_never_repeats_a_finished_trial(tmp_path, tiny):
@@ -183,7 +183,7 @@ def test_distill_trials_share_their_teachers_and_record_their_cost(tmp_path, tin
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
     cache = run.options.results_dir / "teachers"
     assert len(list(cache.glob("*-logits.pt"))) == 2  # trained once by the first trial, read by the others
-    costs = [t.user_attrs["teachers"] for t in trials]
+    costs = [t.user_attrs["teacher_team"] for t in trials]
     assert all(c == costs[0] for c in costs) and costs[0]["count"] == 2 and costs[0]["epochs"] == 4
     assert 0.0 < costs[0]["test_accuracy"] <= 1.0
 
