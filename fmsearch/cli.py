@@ -7,7 +7,7 @@ import errno
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -262,10 +262,7 @@ def _write_json(path: Path, record: dict) -> None:
 def cmd_study(args: argparse.Namespace) -> None:
     from fmsearch import cost, engine, spec, study
 
-    study_spec = spec.parse(spec.find(args.name, STUDIES_DIR))
-    study_spec = replace(  # the command line's overrides, folded in once
-        study_spec, trials=args.trials or study_spec.trials, max_epochs=args.epochs or study_spec.max_epochs
-    )
+    study_spec = spec.parse(spec.find(args.name, STUDIES_DIR)).overridden(args.trials, args.epochs)
     options = study.RunOptions(
         storage=args.storage,
         jobs=args.jobs,

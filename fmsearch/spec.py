@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,15 @@ class StudySpec:
     def study_name(self, condition: dict[str, Any]) -> str:
         """The Optuna study name of one condition, e.g. 'semi/labels=10%'."""
         return study_name(self.name, ",".join(condition_label(k, v) for k, v in condition.items()))
+
+    def overridden(self, trials: int | None = None, max_epochs: int | None = None) -> StudySpec:
+        """The command line's `--trials` and `--epochs` folded in, checked as the file's own are."""
+        for flag, value in (("--trials", trials), ("--epochs", max_epochs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SpecError(f"{flag} {value!r}: give a whole number of at least 1")
+        changed = replace(self, trials=trials or self.trials, max_epochs=max_epochs or self.max_epochs)
+        _check_something_is_searched(changed, flag="--trials" if trials else None)
+        return changed
 
 
 def condition_label(key: str, value: Any) -> str:
@@ -281,11 +290,14 @@ def _parameter_sections(path: Path, raw: dict) -> tuple[dict, dict, dict]:
     return fixed, conditions, space
 
 
-def _check_something_is_searched(spec: StudySpec) -> None:
-    """More than one trial per condition needs a dimension that applies there, or all are the same."""
+def _check_something_is_searched(spec: StudySpec, flag: str | None = None) -> None:
+    """More than one trial per condition needs a dimension that applies there, or all are the same.
+
+    `flag` names the command-line option that set the trials, where one did.
+    """
     if spec.trials == 1:
         return
-    fix = "add a dimension to [space] or set trials = 1"
+    fix = f"drop {flag} or give it 1" if flag else "add a dimension to [space] or set trials = 1"
     if not spec.space:
         raise _fail(spec.path, "space", f"empty, so all {spec.trials} trials would be identical", fix)
     for condition in spec.condition_list():

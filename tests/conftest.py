@@ -13,7 +13,7 @@ import struct
 import subprocess
 import tempfile
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 # `make test` runs one pytest worker per core (pytest-xdist), so each runs torch on one thread: the
@@ -244,9 +244,7 @@ def run_tiny_study(
 
     folder.mkdir(parents=True, exist_ok=True)
     study_spec = spec.parse(write_study(folder, text, name))
-    study_spec = replace(
-        study_spec, trials=trials or study_spec.trials, max_epochs=epochs or study_spec.max_epochs
-    )
+    study_spec = study_spec.overridden(trials, epochs)  # what `fmsearch study --trials --epochs` calls
     values = {
         "storage": f"sqlite:///{folder}/studies.db",
         "results_dir": folder / "results",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 from sqlalchemy.exc import OperationalError
 
@@ -48,11 +49,11 @@ def test_bad_arguments_get_one_line_and_exit_2(args, message):
     assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_an_absent_gpu_is_one_line():
     result = fmsearch("train", "--device", "cuda", "--epochs", "1")
-    if "no CUDA GPU" not in result.stderr:
-        pytest.skip("a CUDA GPU is present")
     assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "no CUDA GPU" in result.stderr and "--device cpu" in result.stderr
 
 
 def test_help_states_the_defaults():

@@ -31,9 +31,14 @@ def test_semi_makes_the_labeled_fraction_a_condition_not_a_dimension():
     assert [semi.study_name(c) for c in semi.condition_list()] == ["semi/labels=100%", "semi/labels=10%"]
 
 
-def test_fraction_study_has_seven_label_budgets():
+def test_fraction_study_spans_the_label_budgets_from_one_percent_to_full_labels_each_its_own_study():
     fraction = spec.parse(Path("studies/fraction.toml"))
-    assert fraction.conditions["labeled_fraction"] == (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+    budgets = fraction.conditions["labeled_fraction"]
+    assert (
+        min(budgets) <= 0.01 and 0.1 in budgets and max(budgets) == 1.0 and list(budgets) == sorted(budgets)
+    )
+    names = [fraction.study_name(c) for c in fraction.condition_list()]
+    assert len(set(names)) == len(budgets)
 
 
 BAD = [
@@ -173,3 +178,13 @@ def test_suggest_uses_the_spec_names_and_the_run_limits(tmp_path):
     config = spec.suggest(trial, tiny, {"labeled_fraction": 1.0}, max_epochs=7)
     assert (config.epochs, config.batch_size, config.patience) == (7, 32, 2)
     assert config.lr == trial.params["lr"] and config.arch == trial.params["arch"]
+
+
+def test_trials_from_the_command_line_are_checked_as_the_files_own_are(tmp_path):
+    """A file that fixes everything may run one trial; `--trials 3` would run three identical ones."""
+    single = spec.parse(tmp_path / "one.toml", 'description = "one run"\ntrials = 1\n\n[fixed]\nlr = 1e-3\n')
+    assert single.overridden(max_epochs=2).max_epochs == 2
+    with pytest.raises(spec.SpecError, match=r"all 3 trials would be identical; drop --trials"):
+        single.overridden(trials=3)
+    with pytest.raises(spec.SpecError, match=r"--epochs 0: give a whole number of at least 1"):
+        single.overridden(max_epochs=0)

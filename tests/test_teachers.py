@@ -54,10 +54,13 @@ def test_targets_are_probabilities_aligned_to_an_even_class_mix(tiny_splits, tmp
 
 
 def test_teacher_zero_is_the_labels_only_control_of_the_same_seed(tiny_splits):
-    teacher = teachers.recipe(replace(CONFIG, seed=2, arch="plain"), 0)
-    assert teacher.seed == 2 and teacher.unlabeled == "skip" and teacher.schedule == "cosine"
-    assert teacher.augment and not teachers.recipe(replace(CONFIG, arch="adaptive"), 0).augment
-    assert teachers.recipe(CONFIG, 3).seed == CONFIG.seed + 3 * teachers.SEED_STRIDE
+    student = replace(CONFIG, seed=2, arch="plain")
+    teacher = teachers.recipe(student, 0)
+    assert teacher.seed == student.seed and teacher.unlabeled == "skip" and teacher.arch == student.arch
+    assert engine.make_subset(teacher, tiny_splits).labeled.equal(
+        engine.make_subset(student, tiny_splits).labeled
+    )
+    assert len({teachers.recipe(student, k).seed for k in range(4)}) == 4  # each teacher its own seed
 
 
 def test_the_mirror_is_averaged_in_only_for_teachers_that_trained_on_flips(tiny_splits, tmp_path):
