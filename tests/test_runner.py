@@ -40,5 +40,5 @@ def test_the_train_command_repeats_a_study_trial_record_for_record(tmp_path, tin
     train = json.loads((tmp_path / "run.json").read_text())
     assert train["config"] == trial.user_attrs["config"]  # the same configuration, flag for flag
     recorded = {key: trial.user_attrs[key] for key in train if key in trial.user_attrs}
-    assert set(recorded) >= {"config", "history", "stop_reason", "best_epoch", "execution", "labeled_count"}
+    assert set(recorded) >= {"config", "history", "stop_reason", "best_epoch", "execution", "labeled_images"}
     assert _comparable(recorded) == _comparable({key: train[key] for key in recorded})

@@ -12,7 +12,7 @@ RECORDED = {
     "seconds",
     "images_per_second",
     "device",
-    "labeled_count",
+    "labeled_images",
     "git_revision",
     "torch_version",
     "optuna_version",
