@@ -266,7 +266,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     options = study.RunOptions(
         storage=args.storage,
         jobs=args.jobs,
-        device=str(engine.resolve_device(args.device)),
+        device=engine.resolve_device(args.device),
         results_dir=RESULTS_DIR,
         heartbeat_interval=args.heartbeat,
         grace_period=4 * args.heartbeat,

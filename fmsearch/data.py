@@ -55,6 +55,14 @@ def raw_folder(root: Path) -> Path:
 
 
 def _md5(path: Path) -> str:
+    """The file's md5, hashed once per process for as long as its size, time and inode stay the same
+    (`fmsearch study` verifies the data when it finds it and again when it loads it)."""
+    stat = path.stat()
+    return _md5_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.cache
+def _md5_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

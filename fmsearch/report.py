@@ -28,7 +28,7 @@ from optuna.trial import TrialState  # noqa: E402
 from fmsearch.errors import FmsearchError  # noqa: E402
 from fmsearch.files import write_atomic  # noqa: E402
 from fmsearch.spec import is_semi  # noqa: E402
-from fmsearch.storage import DIVERGED, Attr, BestTrialScore, is_finished, study_name_parts  # noqa: E402
+from fmsearch.storage import DIVERGED, Attr, BestTrialScore, is_finished, study_name_parts, study_setting  # noqa: E402
 
 DPI = 160
 CURVE_PANELS = (
@@ -70,8 +70,8 @@ def load_conditions(storage, name: str) -> list[Condition]:
     conditions = []
     for study_name in mine:
         study = optuna.load_study(study_name=study_name, storage=storage)
-        condition = study.user_attrs.get(Attr.CONDITION, {})
-        fixed = study.user_attrs.get(Attr.FIXED, {})
+        condition = study_setting(study, Attr.CONDITION, {})
+        fixed = study_setting(study, Attr.FIXED, {})
         fraction = condition.get("labeled_fraction", fixed.get("labeled_fraction", 1.0))
         trials = study.get_trials(deepcopy=False)
         conditions.append(
@@ -458,7 +458,7 @@ def summary_markdown(name: str, conditions: list[Condition], images: list[Path],
             s: sum(t.state == s for t in c.trials)
             for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
         }
-        max_epochs = c.study.user_attrs.get(Attr.MAX_EPOCHS, 0)
+        max_epochs = study_setting(c.study, Attr.MAX_EPOCHS, 0)
         spent, bound = _epochs_spent(c), len(c.finished) * max_epochs
         seconds = sum(t.user_attrs.get(Attr.SECONDS, 0.0) for t in c.trials)
         lines += [f"## {c.study.study_name}", ""]

@@ -43,11 +43,12 @@ class Attr:
 
     # on each condition's study
     DESCRIPTION = "description"
+    FINGERPRINT = "fingerprint"  # everything that gives a trial its meaning; see lineage.fingerprint
+    # written beside the fingerprint by fmsearch before 2026-12; read only from such older studies
     CONDITION = "condition"
     FIXED = "fixed"
     MAX_EPOCHS = "max_epochs"
     BATCH_SIZE = "batch_size"
-    FINGERPRINT = "fingerprint"  # everything that gives a trial its meaning; see lineage.fingerprint
     ARCHIVED_FROM = "archived_from"
     TEST = "test"  # the best trial's test-set score
     # on each trial
@@ -71,6 +72,13 @@ DIVERGED = "diverged"  # its loss became NaN: a result, it counts
 CRASHED = "crashed"  # it raised: not a result, it does not count
 INTERRUPTED = "interrupted"  # Ctrl-C: it does not count
 STALE = "stale"  # its worker died (no heartbeat): it does not count
+
+
+def study_setting(study: optuna.Study, name: str, default: Any = None) -> Any:
+    """A setting a condition's study was created with (`condition`, `fixed`, `max_epochs`, ...): from
+    its fingerprint, else from the attribute of that name that older studies carry."""
+    recorded = study.user_attrs.get(Attr.FINGERPRINT) or {}
+    return recorded[name] if name in recorded else study.user_attrs.get(name, default)
 
 
 @dataclass(frozen=True)

@@ -44,11 +44,14 @@ class TrialCrashed(RuntimeError):
 class RunOptions:
     storage: str = storage.DEFAULT_URL
     jobs: int = 1  # worker processes
-    device: str = "cpu"  # resolved once by the caller (engine.resolve_device)
+    device: torch.device = torch.device("cpu")  # resolved once by the caller (engine.resolve_device)
     results_dir: Path = Path("results")
     heartbeat_interval: int = 5  # seconds between a running trial's heartbeats
     grace_period: int = 20  # seconds without a heartbeat before a trial counts as dead
     data_config: data.DataConfig = field(default_factory=data.DataConfig)  # the spec's pool_limit on top
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", torch.device(self.device))  # "cpu" is taken as well
 
 
 @dataclass
@@ -127,7 +130,7 @@ def data_config(spec: StudySpec, options: RunOptions) -> data.DataConfig:
 
 
 def load_splits(spec: StudySpec, options: RunOptions) -> data.Splits:
-    return data.load_splits(data_config(spec, options), torch.device(options.device))
+    return data.load_splits(data_config(spec, options), options.device)
 
 
 def prepare(spec: StudySpec, options: RunOptions, archive_changed: bool = False) -> dict[str, str]:
@@ -139,10 +142,9 @@ def prepare(spec: StudySpec, options: RunOptions, archive_changed: bool = False)
     """
     rdb = storage.open_storage(options.storage, options.heartbeat_interval, options.grace_period)
     config = data_config(spec, options)
-    conditions = [(spec.study_name(c), c, fingerprint(spec, c, config)) for c in spec.condition_list()]
-    fingerprints = {name: new for name, _, new in conditions}
+    fingerprints = {spec.study_name(c): fingerprint(spec, c, config) for c in spec.condition_list()}
     archived = settle_changes(rdb, fingerprints, options.storage, options.grace_period, archive_changed)
-    for name, condition, new in conditions:
+    for name, new in fingerprints.items():
         study = optuna.create_study(
             storage=rdb,
             study_name=name,
@@ -151,14 +153,7 @@ def prepare(spec: StudySpec, options: RunOptions, archive_changed: bool = False)
         )
         if study.metric_names != [spec.metric]:
             study.set_metric_names([spec.metric])  # the dashboard names its axis val_accuracy
-        attrs = {
-            Attr.DESCRIPTION: spec.description,
-            Attr.CONDITION: condition,
-            Attr.FIXED: spec.fixed,
-            Attr.MAX_EPOCHS: spec.max_epochs,
-            Attr.BATCH_SIZE: spec.batch_size,
-            Attr.FINGERPRINT: new,
-        }
+        attrs = {Attr.DESCRIPTION: spec.description, Attr.FINGERPRINT: new}  # the settings live in `new`
         for key, value in json.loads(json.dumps(attrs)).items():
             if study.user_attrs.get(key) != value:
                 study.set_user_attr(key, value)
@@ -182,7 +177,7 @@ class Objective:
 
     def __post_init__(self) -> None:
         # Workers on one CPU split its cores; a thread count the study file fixes is kept.
-        cpu = self.options.device == "cpu"
+        cpu = self.options.device.type == "cpu"
         self.thread_cap = max(1, (os.cpu_count() or 1) // self.options.jobs) if cpu else None
         self.meta = runner.provenance(self.splits.train_images.device)
 
@@ -288,15 +283,17 @@ def work(
     worker: int,
     reporter_factory: Callable[[int], Reporter],
     splits: data.Splits | None = None,
+    rdb: optuna.storages.RDBStorage | None = None,
 ) -> None:
     """One worker: for each condition, run trials until the condition has spec.trials finished ones.
 
+    `splits` and `rdb` are the caller's where it runs in the same process, else loaded and opened here.
     Raises StudyError after MAX_CONSECUTIVE_CRASHES trials in a row raised an error.
     """
     quiet_optuna()
     storage.quiet_background_faults()
     splits = splits if splits is not None else load_splits(spec, options)
-    rdb = storage.open_storage(options.storage, options.heartbeat_interval, options.grace_period)
+    rdb = rdb or storage.open_storage(options.storage, options.heartbeat_interval, options.grace_period)
     artifacts = storage.DatabaseArtifactStore(rdb)
     reporter = reporter_factory(worker)
     crashes: list[str] = []  # this worker's trials in a row that raised
@@ -432,11 +429,12 @@ def run(
     each process loads its own.
     """
     if options.jobs == 1:
-        work(spec, options, 0, reporter_factory, splits)
-    else:
+        rdb = storage.open_storage(options.storage, options.heartbeat_interval, options.grace_period)
+        work(spec, options, 0, reporter_factory, splits, rdb)
+    else:  # each worker process opens its own; the parent opens it once they are done
         target = functools.partial(work, spec, options, reporter_factory=reporter_factory)
         workers.run(target, options.jobs, options.storage)
-    rdb = storage.open_storage(options.storage)
+        rdb = storage.open_storage(options.storage)
     artifacts = storage.DatabaseArtifactStore(rdb)
     summaries = []
     for condition in spec.condition_list():
