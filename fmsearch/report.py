@@ -28,7 +28,15 @@ from optuna.trial import TrialState  # noqa: E402
 from fmsearch.errors import FmsearchError  # noqa: E402
 from fmsearch.files import write_atomic  # noqa: E402
 from fmsearch.spec import is_semi  # noqa: E402
-from fmsearch.storage import DIVERGED, Attr, BestTrialScore, is_finished, study_name_parts, study_setting  # noqa: E402
+from fmsearch.storage import (  # noqa: E402
+    DIVERGED,
+    Attr,
+    BestTrialScore,
+    best_trial,
+    is_finished,
+    study_name_parts,
+    study_setting,
+)
 
 DPI = 160
 CURVE_PANELS = (
@@ -51,14 +59,14 @@ class Condition:
     label: str  # "labels=10%", or the study name for a study without conditions
     labeled_fraction: float
     trials: list[optuna.trial.FrozenTrial]
-    test: BestTrialScore | None = None
+    test: BestTrialScore | None = None  # the best trial's own test score, else None
+    stale_test: BestTrialScore | None = None  # a stored score of another trial: never shown as this one's
     colour: Any = None
     finished: list[optuna.trial.FrozenTrial] = field(default_factory=list)
 
     @property
     def best(self) -> optuna.trial.FrozenTrial | None:
-        complete = [t for t in self.trials if t.state == TrialState.COMPLETE]
-        return max(complete, key=lambda t: t.value) if complete else None
+        return best_trial(self.trials)
 
 
 def load_conditions(storage, name: str) -> list[Condition]:
@@ -74,13 +82,16 @@ def load_conditions(storage, name: str) -> list[Condition]:
         fixed = study_setting(study, Attr.FIXED, {})
         fraction = condition.get("labeled_fraction", fixed.get("labeled_fraction", 1.0))
         trials = study.get_trials(deepcopy=False)
+        score, best = BestTrialScore.of(study), best_trial(trials)
+        current = score is not None and best is not None and score.trial == best.number
         conditions.append(
             Condition(
                 study=study,
                 label=study_name_parts(study_name)[1] or study_name,
                 labeled_fraction=fraction,
                 trials=trials,
-                test=BestTrialScore.of(study),
+                test=score if current else None,
+                stale_test=None if current else score,
                 finished=[t for t in trials if is_finished(t)],
             )
         )
@@ -438,6 +449,17 @@ def plot_confusion(conditions: list[Condition], out: Path) -> Path | None:
     return _save(fig, out / "confusion.png")
 
 
+def _test_cell(c: Condition) -> str:
+    if c.test:
+        return f"| test accuracy | {c.test.test_accuracy:.4f} (trial #{c.test.trial}) |"
+    if c.stale_test:
+        return (
+            f"| test accuracy | not scored for trial #{c.best.number}: the stored score is trial "
+            f"#{c.stale_test.trial}'s; `fmsearch study {study_name_parts(c.study.study_name)[0]}` scores it |"
+        )
+    return "| test accuracy | not scored yet |"
+
+
 def _epochs_spent(c: Condition) -> int:
     return sum(len(t.intermediate_values) for t in c.trials)
 
@@ -447,7 +469,11 @@ def summary_markdown(name: str, conditions: list[Condition], images: list[Path],
     lines = [f"# Study `{name}`", ""]
     if description:
         lines += [description, ""]
-    answer = [f"{c.label}: test accuracy {c.test.test_accuracy:.4f}" for c in conditions if c.test]
+    answer = [
+        f"{c.label}: test accuracy {c.test.test_accuracy:.4f} (trial #{c.test.trial})"
+        for c in conditions
+        if c.test
+    ]
     if answer:
         lines += [
             "**" + "; ".join(answer) + "** (best trial of each condition, scored once on the test set)",
@@ -472,9 +498,7 @@ def summary_markdown(name: str, conditions: list[Condition], images: list[Path],
         lines += [
             f"| validation accuracy | {best.value:.4f} "
             f"(trial #{best.number}, epoch {best.user_attrs.get(Attr.BEST_EPOCH)}) |",
-            f"| test accuracy | {c.test.test_accuracy:.4f} |"
-            if c.test
-            else "| test accuracy | not scored yet |",
+            _test_cell(c),
             f"| trials complete / pruned / failed | {states[TrialState.COMPLETE]} / "
             f"{states[TrialState.PRUNED]} / "
             f"{states[TrialState.FAIL]} |",

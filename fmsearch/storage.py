@@ -74,6 +74,13 @@ INTERRUPTED = "interrupted"  # Ctrl-C: it does not count
 STALE = "stale"  # its worker died (no heartbeat): it does not count
 
 
+def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The best complete trial, the one a condition's answer is: the highest value, and of equal
+    values the first to run. The test score, the kept weights and the report all name this one."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
 def study_setting(study: optuna.Study, name: str, default: Any = None) -> Any:
     """A setting a condition's study was created with (`condition`, `fixed`, `max_epochs`, ...): from
     its fingerprint, else from the attribute of that name that older studies carry."""

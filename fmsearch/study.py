@@ -365,10 +365,9 @@ def evaluate_best(
     The weights come from the storage, so any machine that reaches it gets the same score, and each
     copies them to its results folder, also where another machine scored them first.
     """
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if not complete:
+    best = storage.best_trial(study.get_trials(deepcopy=False))
+    if best is None:
         return None
-    best = study.best_trial
     body = storage.kept_weights(artifacts, study, best)
     if body is None:
         raise StudyError(
@@ -410,8 +409,8 @@ def _copy_weights(body: bytes, path: Path) -> None:
 def summarize(study: optuna.Study) -> ConditionSummary:
     trials = study.get_trials(deepcopy=False)
     summary = ConditionSummary(study.study_name, Counter(t.state.name for t in trials))
-    if any(t.state == TrialState.COMPLETE for t in trials):
-        best = study.best_trial
+    best = storage.best_trial(trials)
+    if best is not None:
         summary.best_value, summary.best_params, summary.best_trial = best.value, best.params, best.number
     summary.test = storage.BestTrialScore.of(study)
     return summary

@@ -5,11 +5,12 @@ import sys
 import optuna
 import pytest
 from optuna.artifacts import get_all_artifact_meta
+from optuna.distributions import FloatDistribution
 from optuna_dashboard import get_note
 from PIL import Image
 
 from fmsearch import report, spec, study
-from fmsearch.storage import DatabaseArtifactStore, open_storage
+from fmsearch.storage import BestTrialScore, DatabaseArtifactStore, open_storage
 from tests.conftest import TINY_STUDY, run_tiny_study, study_text, write_study
 
 pytestmark = pytest.mark.xdist_group("tiny-study")  # one pytest worker runs the session's tiny study
@@ -142,3 +143,22 @@ def test_a_study_whose_trials_all_diverged_is_told_so_not_to_run_make_study(tmp_
     message = str(refused.value)
     assert "all 2 finished trials diverged" in message and "lower the top of the lr range" in message
     assert "make study" not in message
+
+
+def test_a_stored_test_score_of_another_trial_is_never_shown_as_the_best_ones(tmp_path):
+    """Trial #0 was scored; a resumed run then found #1 and stopped before scoring it."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    made = optuna.create_study(study_name="stale", storage=url, direction="maximize")
+    lr = FloatDistribution(1e-4, 1e-2, log=True)
+    for value in (0.8, 0.9, 0.9):  # a tie: the first to run is the best
+        made.add_trial(optuna.trial.create_trial(value=value, params={"lr": 1e-3}, distributions={"lr": lr}))
+    score = BestTrialScore(0, 0.8, 0.5, 0.7777, [[1]], ["T-shirt/top"])
+    score.save(made)
+    (condition,) = report.load_conditions(url, "stale")
+    assert condition.best.number == 1 and condition.test is None and condition.stale_test == score
+    text = report.summary_markdown("stale", [condition], [], "")
+    assert "0.7777" not in text and "not scored for trial #1: the stored score is trial #0's" in text
+
+    BestTrialScore(1, 0.9, 0.4, 0.8888, [[1]], ["T-shirt/top"]).save(made)
+    (condition,) = report.load_conditions(url, "stale")
+    assert "test accuracy 0.8888 (trial #1)" in report.summary_markdown("stale", [condition], [], "")
