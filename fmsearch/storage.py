@@ -8,6 +8,7 @@ line that names the storage with its password hidden (`fault_message`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -17,6 +18,7 @@ import re
 import tempfile
 import threading
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -123,26 +125,58 @@ def is_finished(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and trial.user_attrs.get(Attr.STOP_REASON) == DIVERGED
 
 
+SECRET_KEYS = ("password", "passwd", "pwd", "pass")  # query keys whose value is a password
+
+
 def mask(url: str) -> str:
-    """The URL with its password replaced by ***, for every line a user or a log may see."""
-    try:
-        parsed = sa.engine.make_url(url)
-        return url if parsed.password is None else parsed.render_as_string(hide_password=True)
-    except Exception:  # not parseable by SQLAlchemy: hide anything between "user:" and "@"
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """The URL with every password replaced by ***, for every line a user or a log may see.
+
+    Taken apart by hand rather than by SQLAlchemy, which reads `user:p@ss@host` as the password "p"
+    and keeps a `?password=` query as it is: everything between the user's colon and the last "@"
+    of the address is hidden, and so is the value of each password key in the query.
+    """
+    scheme, found, rest = url.partition("://")
+    if not found:
+        return url
+    address, question, query = rest.partition("?")
+    at = address.rfind("@")
+    if at >= 0 and ":" in address[:at]:
+        address = f"{address[: address.index(':')]}:***{address[at:]}"
+    if question:
+        query = "&".join(_masked_pair(pair) for pair in query.split("&"))
+    return f"{scheme}://{address}{question}{query}"
 
 
-def _password(url: str) -> str | None:
-    try:
-        return sa.engine.make_url(url).password
-    except Exception:
-        return None
+def _masked_pair(pair: str) -> str:
+    key, equals, value = pair.partition("=")
+    return f"{key}=***" if equals and value and key.lower() in SECRET_KEYS else pair
+
+
+def _secrets(url: str) -> list[str]:
+    """Each password the URL carries, raw and decoded, as SQLAlchemy or a driver might echo it."""
+    found = set()
+    _, _, rest = url.partition("://")
+    address, _, query = rest.partition("?")
+    at = address.rfind("@")
+    if at >= 0 and ":" in address[:at]:
+        found.add(address[address.index(":") + 1 : at])
+    for pair in query.split("&") if query else ():
+        key, _, value = pair.partition("=")
+        if key.lower() in SECRET_KEYS:
+            found.add(value)
+    with contextlib.suppress(Exception):  # not a URL SQLAlchemy reads
+        parsed = sa.engine.make_url(url).password or ""
+        if not any(parsed in secret for secret in found):  # it reads `user:p@ss@host` as "p"
+            found.add(parsed)
+    found |= {urllib.parse.unquote(secret) for secret in found}
+    return sorted((secret for secret in found if secret), key=len, reverse=True)
 
 
 def scrub(text: str, url: str) -> str:
-    """`text` with the URL's password hidden wherever it appears (drivers may echo the URL)."""
-    password = _password(url)
-    return text.replace(str(password), "***") if password else text
+    """`text` with the URL's passwords hidden wherever they appear (drivers may echo the URL)."""
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 def default_url() -> str:

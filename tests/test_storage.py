@@ -207,13 +207,22 @@ def copy_storage(small_study: Path, folder: Path) -> tuple[Path, str]:
     return target, f"sqlite:///{target}"
 
 
-def test_passwords_are_masked_by_sqlalchemys_rendering():
-    assert storage.mask("postgresql://ann:s3cret@db:5432/fm") == "postgresql://ann:***@db:5432/fm"
-    assert storage.mask("sqlite:///results/studies.db") == "sqlite:///results/studies.db"
-    assert storage.scrub("failed for postgresql://ann:s3cret@db/fm", "postgresql://ann:s3cret@db/fm") == (
-        "failed for postgresql://ann:***@db/fm"
-    )
-
+@pytest.mark.parametrize(
+    "url,masked,secret",
+    [
+        ("postgresql://ann:s3cret@db:5432/fm", "postgresql://ann:***@db:5432/fm", "s3cret"),
+        ("postgresql://ann:p@ss@db/fm", "postgresql://ann:***@db/fm", "p@ss"),  # SQLAlchemy reads "p"
+        ("postgresql://ann:pa%40ss@db/fm", "postgresql://ann:***@db/fm", "pa@ss"),
+        ("postgresql://ann:p:w/x@db:5432/fm", "postgresql://ann:***@db:5432/fm", "p:w/x"),
+        ("postgresql://ann@db/fm?password=s3cret", "postgresql://ann@db/fm?password=***", "s3cret"),
+        ("postgresql://db/fm?sslmode=prefer&PWD=s3cret", "postgresql://db/fm?sslmode=prefer&PWD=***", "s3cret"),
+        ("sqlite:///results/studies.db", "sqlite:///results/studies.db", None),
+    ],
+)
+def test_every_form_of_password_is_masked_and_scrubbed(url, masked, secret):
+    assert storage.mask(url) == masked
+    echoed = storage.scrub(f"connection to {url} failed: password {secret} rejected", url)
+    assert echoed.startswith(f"connection to {masked} failed") and (secret is None or secret not in echoed)
 
 def test_make_never_echoes_the_storage_password():
     make = shutil.which("make")
