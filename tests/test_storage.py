@@ -215,7 +215,7 @@ def copy_storage(small_study: Path, folder: Path) -> tuple[Path, str]:
         ("postgresql://ann:pa%40ss@db/fm", "postgresql://ann:***@db/fm", "pa@ss"),
         ("postgresql://ann:p:w/x@db:5432/fm", "postgresql://ann:***@db:5432/fm", "p:w/x"),
         ("postgresql://ann@db/fm?password=s3cret", "postgresql://ann@db/fm?password=***", "s3cret"),
-        ("postgresql://db/fm?sslmode=prefer&PWD=s3cret", "postgresql://db/fm?sslmode=prefer&PWD=***", "s3cret"),
+        ("postgresql://db/fm?ssl=1&PWD=s3cret", "postgresql://db/fm?ssl=1&PWD=***", "s3cret"),
         ("sqlite:///results/studies.db", "sqlite:///results/studies.db", None),
     ],
 )
@@ -223,6 +223,7 @@ def test_every_form_of_password_is_masked_and_scrubbed(url, masked, secret):
     assert storage.mask(url) == masked
     echoed = storage.scrub(f"connection to {url} failed: password {secret} rejected", url)
     assert echoed.startswith(f"connection to {masked} failed") and (secret is None or secret not in echoed)
+
 
 def test_make_never_echoes_the_storage_password():
     make = shutil.which("make")
