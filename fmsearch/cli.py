@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import re
 import sys
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from fmsearch import files, storage
 from fmsearch.config import ARCHITECTURE_NAMES, SETTINGS, SWITCHES, TrainConfig
+from fmsearch.errors import UsageError
 
 STUDIES_DIR = Path("studies")
 RESULTS_DIR = Path("results")
@@ -124,6 +126,16 @@ def _options(text: str) -> tuple[str, ...]:
             f"unknown option {unknown[0]!r}: choose from {','.join(SWITCHES)} or none"
         )
     return chosen
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` is this machine alone: localhost, 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost, or 0.0.0.0's kin: treat as reachable
 
 
 def _port(text: str) -> int:
@@ -319,8 +331,21 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 
     from fmsearch import study
 
+    remote = not _is_loopback(args.host)
+    if remote and not args.allow_remote:
+        raise UsageError(
+            f"--host {args.host} would serve the dashboard to other machines, and it has no login: anyone "
+            "who reaches it can delete studies; keep the default 127.0.0.1 (an SSH tunnel reaches it "
+            "from elsewhere), or add --allow-remote"
+        )
     study.quiet_optuna()
     rdb = storage.open_storage(args.storage)
+    if remote:
+        print(
+            f"warning: serving on {args.host} with no login: whoever reaches port {args.port} can tell "
+            "trials, delete studies and replace their files",
+            file=sys.stderr,
+        )
     print(
         f"optuna-dashboard on http://{args.host}:{args.port}/ for {storage.mask(args.storage)} "
         "(Ctrl-C stops it)",
@@ -508,8 +533,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage")
     p.add_argument("--storage", type=_storage_url, default=storage.default_url(), help=STORAGE_HELP)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="let --host be an address other machines reach: the dashboard has no login, and anyone who "
+        "reaches it can tell trials, delete studies and replace files",
+    )
     p.set_defaults(func=cmd_dashboard)
     return parser
 

@@ -16,3 +16,7 @@ class ConfigError(FmsearchError, ValueError):
 
 class StudyError(FmsearchError):
     """A study cannot run as asked (a changed study file, crashing trials, ...); the message says the fix."""
+
+
+class UsageError(FmsearchError):
+    """Command-line options that parse but cannot be used together or as given."""

@@ -13,6 +13,7 @@ import torch
 from optuna.trial import TrialState
 from sqlalchemy.exc import OperationalError
 
+from fmsearch import cli
 from tests.conftest import REAL_ROOT, messages, needs_real_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,3 +303,13 @@ def test_a_study_file_whose_name_would_leave_results_is_refused(tmp_path):
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "...toml: '..' is not a study name" in result.stderr
     assert not (tmp_path / "s.db").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_dashboard_for_other_machines_needs_allow_remote(tmp_path):
+    """optuna-dashboard has no login and can delete studies: binding beyond this machine is an opt-in."""
+    result = fmsearch("dashboard", "--host", "0.0.0.0", "--storage", f"sqlite:///{tmp_path}/s.db")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "--host 0.0.0.0 would serve the dashboard to other machines" in result.stderr
+    assert "--allow-remote" in result.stderr and not (tmp_path / "s.db").exists()
+    assert all(cli._is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "127.1.2.3"))
+    assert not any(cli._is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "example.org"))
