@@ -18,15 +18,23 @@ ifneq ($(STORAGE),)
 export FMSEARCH_STORAGE := $(STORAGE)
 endif
 
-study_flags = $(if $(TRIALS),--trials $(TRIALS)) --jobs $(JOBS) $(if $(EPOCHS),--epochs $(EPOCHS)) \
-	$(if $(DEVICE),--device $(DEVICE))
+# Every variable reaches the shell single-quoted (q), so `STUDY='smoke; rm -rf ~'` is a study name that
+# fmsearch refuses, never a command. ARGS is split into words at spaces and each word quoted (qw): an
+# argument that itself holds a space cannot be carried, so run .venv/bin/fmsearch directly for that.
+# make expands `$` in every variable, STORAGE included: write `$$` for a `$`, or set FMSEARCH_STORAGE
+# in the environment instead of STORAGE.
+q = '$(subst ','\'',$(1))'
+qw = $(foreach word,$(1),$(call q,$(word)))
+study_flags = $(if $(TRIALS),--trials $(call q,$(TRIALS))) --jobs $(call q,$(JOBS)) \
+	$(if $(EPOCHS),--epochs $(call q,$(EPOCHS))) $(if $(DEVICE),--device $(call q,$(DEVICE)))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data test lint format train study report dashboard bench browser postgres clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: STUDY=$(STUDY) TRIALS= JOBS=$(JOBS) EPOCHS= DEVICE= PORT=$(PORT) ARGS="
+	@printf '  variables: STUDY=%s TRIALS= JOBS=%s EPOCHS= DEVICE= PORT=%s ARGS=\n' $(call q,$(STUDY)) \
+		$(call q,$(JOBS)) $(call q,$(PORT))
 	@echo "             STORAGE= (default: \$$FMSEARCH_STORAGE, else sqlite:///results/studies.db)"
 
 $(STAMP): pyproject.toml Makefile
@@ -75,20 +83,20 @@ format: $(STAMP) ## ruff format in place
 	$(BIN)/ruff check --fix .
 
 train: data ## train one configuration: make train ARGS="--arch adaptive --epochs 10"
-	$(BIN)/fmsearch train $(ARGS)
+	$(BIN)/fmsearch train $(call qw,$(ARGS))
 
 study: data ## run or resume a study, then report: make study STUDY=semi [TRIALS=] [JOBS=]
-	$(BIN)/fmsearch study $(STUDY) $(study_flags)
-	$(BIN)/fmsearch report $(STUDY)
+	$(BIN)/fmsearch study $(call q,$(STUDY)) $(study_flags)
+	$(BIN)/fmsearch report $(call q,$(STUDY))
 
 report: $(STAMP) ## redraw a study's figures and summary.md from the storage: make report STUDY=semi
-	$(BIN)/fmsearch report $(STUDY)
+	$(BIN)/fmsearch report $(call q,$(STUDY))
 
 dashboard: $(STAMP) ## serve optuna-dashboard on 127.0.0.1:8080 (PORT= overrides)
-	$(BIN)/fmsearch dashboard --port $(PORT)
+	$(BIN)/fmsearch dashboard --port $(call q,$(PORT))
 
 bench: data ## fmsearch's loop against the assignment's loop; JSON in results/bench/ (ARGS="--threads 1,2")
-	$(BIN)/fmsearch bench $(ARGS)
+	$(BIN)/fmsearch bench $(call qw,$(ARGS))
 
 clean: ## remove caches and build files (results stay)
 	rm -rf .pytest_cache .ruff_cache *.egg-info

@@ -313,3 +313,16 @@ def test_a_dashboard_for_other_machines_needs_allow_remote(tmp_path):
     assert "--allow-remote" in result.stderr and not (tmp_path / "s.db").exists()
     assert all(cli._is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "127.1.2.3"))
     assert not any(cli._is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "example.org"))
+
+
+@pytest.mark.parametrize(
+    "target,variable", [("report", "STUDY"), ("study", "STUDY"), ("dashboard", "PORT"), ("train", "ARGS")]
+)
+def test_make_hands_its_variables_to_the_shell_quoted(tmp_path, target, variable):
+    """`make -n` prints the command the shell would run; run it with fmsearch replaced by `true`."""
+    value = f"x; touch {tmp_path}/INJECTED"
+    command = ["make", "-n", "-C", str(REPO), target, f"{variable}={value}"]
+    dry = subprocess.run(command, capture_output=True, text=True, check=True)
+    line = next(line for line in reversed(dry.stdout.splitlines()) if f"fmsearch {target}" in line)
+    subprocess.run(["sh", "-c", line.replace(".venv/bin/fmsearch", "true")], cwd=tmp_path, check=True)
+    assert not (tmp_path / "INJECTED").exists()
