@@ -284,11 +284,11 @@ def cmd_study(args: argparse.Namespace) -> None:
         grace_period=4 * args.heartbeat,
     )
     study.quiet_optuna()
+    print(f"data: {_ensure_data()}")
+    splits = study.load_splits(study_spec, options)  # a pool_limit the data cannot meet stops here
     archived = study.prepare(study_spec, options, archive_changed=args.archive_changed)
     for old, new in archived.items():
         print(f"archived {old} as {new} (its trials are kept; `fmsearch report {new.split('/')[0]}`)")
-    print(f"data: {_ensure_data()}")
-    splits = study.load_splits(study_spec, options)
     plan = cost.plan(study_spec, splits)
     print(f"study {study_spec.name}: {study_spec.description}")
     print(f"storage {storage.mask(options.storage)}; watch it live with `make dashboard`")

@@ -232,6 +232,7 @@ def split_indices(labels: torch.Tensor, config: DataConfig) -> tuple[np.ndarray,
     """
     pool, val = split_validation(labels, config.val_size, config.split_seed)
     if config.pool_limit is not None and config.pool_limit < len(pool):
+        _check_pool_limit(config.pool_limit, len(pool), len(CLASSES))
         pool, _ = train_test_split(
             pool,
             train_size=config.pool_limit,
@@ -240,6 +241,21 @@ def split_indices(labels: torch.Tensor, config: DataConfig) -> tuple[np.ndarray,
         )
         pool = np.sort(pool)
     return pool, val
+
+
+def _check_pool_limit(limit: int, pool: int, classes: int) -> None:
+    """A stratified slice keeps one image of each class on both sides, or sklearn raises."""
+    if limit < classes:
+        raise DataError(
+            f"pool_limit {limit} is too small: a stratified slice needs at least {classes} images, "
+            f"one per class; use {classes} or more"
+        )
+    if pool - limit < classes:
+        raise DataError(
+            f"pool_limit {limit} leaves {pool - limit} of the {pool}-image pool out, and a stratified "
+            f"slice needs at least {classes} left out: use at most {pool - classes}, or drop pool_limit "
+            "to train on the whole pool"
+        )
 
 
 def make_splits(arrays: Arrays, config: DataConfig, device: torch.device) -> Splits:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ class Param:
         return isinstance(value, self.type) or (self.type is float and isinstance(value, int))
 
     def in_range(self, value: float) -> bool:
+        """Within the bounds; NaN and the infinities never are (NaN compares false with everything)."""
+        if not math.isfinite(value):
+            return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
@@ -72,6 +76,8 @@ class Param:
             return self.type_text()
         if self.choices and value not in self.choices:
             return f"one of {list(self.choices)}"
+        if self.type in (int, float) and not math.isfinite(value):
+            return "a finite number"
         if self.type in (int, float) and not self.in_range(value):
             return self.range_text()
         return None

@@ -7,6 +7,7 @@ its own Optuna study) and which are searched. Every key is checked before anythi
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import tomllib
 from dataclasses import dataclass, replace
@@ -159,6 +160,8 @@ def _check_value(path: Path, key: str, declared: Param, value: Any, what: str = 
     value = _typed(path, key, declared, value)
     if declared.choices and value not in declared.choices:
         raise _fail(path, key, f"unknown {what} {value!r}", f"choose from {list(declared.choices)}")
+    if declared.type in (int, float) and not math.isfinite(value):
+        raise _fail(path, key, f"{value!r} is not a finite number", f"write a number for {declared.name}")
     if declared.type in (int, float) and not declared.in_range(value):
         raise _fail(
             path, key, f"{value!r} is out of range", f"{declared.name} must be {declared.range_text()}"
@@ -348,8 +351,25 @@ def parse(path: Path, text: str | None = None) -> StudySpec:
         conditions=conditions,
         space=space,
     )
+    _check_distinct_study_names(spec)
     _check_something_is_searched(spec)
     return spec
+
+
+def _check_distinct_study_names(spec: StudySpec) -> None:
+    """Two conditions whose names print alike (0.1 and 0.1000001 are both "labels=10%") would share
+    one Optuna study: one would never run, and its fingerprint would disagree with its trials."""
+    seen: dict[str, dict[str, Any]] = {}
+    for condition in spec.condition_list():
+        name = spec.study_name(condition)
+        if name in seen:
+            raise _fail(
+                spec.path,
+                "conditions",
+                f"{seen[name]} and {condition} are both named {name!r}",
+                "make the values differ in the name's precision, or keep one",
+            )
+        seen[name] = condition
 
 
 def suggest(trial, spec: StudySpec, condition: dict[str, Any], max_epochs: int | None = None) -> TrainConfig:

@@ -96,7 +96,7 @@ def quiet_optuna() -> None:
 
 
 def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-    seed = spec.sampler.seed + seed_offset
+    seed = (spec.sampler.seed + seed_offset) % 2**32  # numpy's seeds are 32-bit
     if spec.sampler.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(
@@ -136,7 +136,7 @@ def load_splits(spec: StudySpec, options: RunOptions) -> data.Splits:
 def prepare(spec: StudySpec, options: RunOptions, archive_changed: bool = False) -> dict[str, str]:
     """Create every condition's study, or check that its stored trials mean what the spec says.
 
-    Runs before any data is loaded or any worker starts. A condition whose stored fingerprint
+    Runs before any worker starts. A condition whose stored fingerprint
     differs raises StudyChanged naming the keys, unless `archive_changed`: then its trials are
     kept under an archived name (see `archive`) and the condition starts afresh.
     """

@@ -113,3 +113,10 @@ def test_a_truncated_debian_archive_is_one_data_error_naming_it_and_leaves_no_pa
     with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz is truncated or damaged.*make data"):
         data.ensure(root, tiny.checksums, debian_dir=debian)
     assert not [p for p in data.raw_folder(root).iterdir() if "partial" in p.name]
+
+
+@pytest.mark.parametrize("limit", [5, 995])  # the tiny pool holds 1,000 images after 200 for validation
+def test_a_pool_limit_the_stratified_slice_cannot_meet_is_one_data_error(tiny, limit):
+    expected = f"pool_limit {limit} (is too small|leaves 5 of the 1000-image pool)"
+    with pytest.raises(data.DataError, match=expected):
+        tiny.splits(pool_limit=limit)

@@ -248,6 +248,10 @@ def test_bad_configuration_is_refused_by_name():
         engine.TrainConfig(dropout=1.0)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         engine.TrainConfig(optimizer="rmsprop")
+    for name in ("lr", "weight_decay", "lambda_u", "temperature", "vat_eps", "vat_xi", "entropy_weight"):
+        for value in (math.nan, math.inf):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                engine.TrainConfig(**{name: value})
 
 
 def test_asking_for_an_absent_gpu_says_how_to_fix_it():

@@ -62,6 +62,14 @@ BAD = [
     ("[fixed]\nlr = 1e-3\n[space]\nlr = [1e-3]", "space.lr: also set in [fixed]"),
     ("trials = [", "not valid TOML"),
     ("val_size = 5", "val_size: 5 is out of range; hold out between 10 and 50000 images"),
+    ("[fixed]\nlr = nan", "fixed.lr: nan is not a finite number"),
+    ("[fixed]\nlambda_u = inf", "fixed.lambda_u: inf is not a finite number"),
+    ("[space]\nlr = { low = 1e-4, high = inf }", "space.lr.high: inf is not a finite number"),
+    ("[space]\nlr = [nan, nan]", "space.lr: nan is not a finite number"),
+    (
+        "[conditions]\nlabeled_fraction = [0.1, 0.1000001]",
+        "conditions: {'labeled_fraction': 0.1} and {'labeled_fraction': 0.1000001} are both named",
+    ),
 ]
 # Every value, whether fixed, a condition, a choice or a range's end, meets TrainConfig's own rule.
 OUT_OF_RANGE = [

@@ -2,8 +2,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from fmsearch import semi, storage, study
-from tests.conftest import run_tiny_study, study_text
+from fmsearch import semi, spec, storage, study
+from tests.conftest import run_tiny_study, study_text, write_study
 
 RECORDED = {
     "history",
@@ -214,3 +214,11 @@ def test_a_worker_stops_after_three_crashes_in_a_row_and_a_rerun_adds_at_most_th
         assert "ConfigError: a stratified pick of 995" in message and "fix the cause, then rerun" in message
         trials = trials_of(f"sqlite:///{tmp_path}/studies.db", "broken/labels=100%")
         assert len(trials) == 3 * run and all(t.state == TrialState.FAIL for t in trials)
+
+
+def test_a_sampler_seed_near_the_32_bit_limit_still_seeds_every_worker(tmp_path):
+    text = study_text().replace("seed = 0", f"seed = {2**32 - 1}")
+    big = spec.parse(write_study(tmp_path, text, name="big"))
+    for offset in (0, 1000 * 3 + 17):
+        sampler = study.make_sampler(big, seed_offset=offset)
+        optuna.create_study(sampler=sampler).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
