@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fmsearch import files, storage
+from fmsearch import files, storage, workers
 from fmsearch.config import ARCHITECTURE_NAMES, SETTINGS, SWITCHES, TrainConfig
 from fmsearch.errors import UsageError
 
@@ -274,6 +274,7 @@ def _write_json(path: Path, record: dict) -> None:
 def cmd_study(args: argparse.Namespace) -> None:
     from fmsearch import cost, engine, spec, study
 
+    workers.catch_termination()  # a scheduler's time limit stops the trials as Ctrl-C does
     study_spec = spec.parse(spec.find(args.name, STUDIES_DIR)).overridden(args.trials, args.epochs)
     options = study.RunOptions(
         storage=args.storage,
@@ -560,13 +561,13 @@ def main(argv: list[str] | None = None) -> int:
     ) as error:  # a user's mistake: one line; anything else is a bug and keeps its traceback
         print(f"fmsearch {args.command}: error: {storage.scrub(str(error), url)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(
-            f"fmsearch {args.command}: interrupted; running trials were marked FAIL (they do not count): "
-            "rerun to resume",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, workers.Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        if args.command == "study":
+            what += "; running trials were marked FAIL (they do not count): rerun to resume"
+        print(f"fmsearch {args.command}: {what}", file=sys.stderr)
+        return 143 if terminated else 130
     except OSError as error:
         if error.filename is None or error.errno not in OS_FAULTS:
             raise

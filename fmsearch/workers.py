@@ -1,4 +1,5 @@
-"""Worker processes for `fmsearch study --jobs N`: spawned, tied to their parent, stopped by Ctrl-C.
+"""Worker processes for `fmsearch study --jobs N`: spawned, tied to their parent, stopped by Ctrl-C
+or SIGTERM.
 
 Each worker runs the study's work loop on its own; the storage's gate (storage.Gate) keeps them,
 and any other command's workers, from starting more than the study's trials between them.
@@ -26,6 +27,21 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)  # 1 is PR_SET_PDEATHSIG
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, systemd, a batch scheduler's time limit): stops the run as Ctrl-C does, so
+    Optuna marks the running trials FAIL at once, and the command exits 143 (128 + 15)."""
+
+
+def _terminate_once(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated
+
+
+def catch_termination() -> None:
+    """Have SIGTERM stop this process's trials the way Ctrl-C does (call from the main thread)."""
+    signal.signal(signal.SIGTERM, _terminate_once)
+
+
 def _interrupt_once(signum, frame) -> None:
     """The first Ctrl-C stops the trial (Optuna marks it FAIL); later ones must not cut that short."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -47,10 +63,11 @@ def _worker(target: Callable[..., None], worker: int, storage_url: str, errors) 
     """A worker process: its error goes back to the parent as one line (a bug: its traceback)."""
     _die_with_parent()
     _catch_interrupts()
+    catch_termination()
     try:
         target(worker=worker)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as stop:
+        raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
     except FmsearchError as error:
         errors.put((worker, str(error), None))
         raise SystemExit(1) from None
@@ -79,10 +96,12 @@ def run(target: Callable[..., None], jobs: int, storage_url: str) -> None:
     try:
         for process in workers:
             process.join()
-    except KeyboardInterrupt:
-        for process in workers:  # a terminal's Ctrl-C reached them too; a `kill -INT` of this one did not
+    except KeyboardInterrupt as stop:
+        # A terminal's Ctrl-C reached them too; a `kill` of this process alone did not: pass it on.
+        passed_on = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+        for process in workers:
             if process.is_alive():
-                os.kill(process.pid, signal.SIGINT)
+                os.kill(process.pid, passed_on)
         for process in workers:
             process.join(timeout=60)  # each marks its running trial FAIL, then exits
             if process.is_alive():

@@ -242,7 +242,16 @@ AS_A_FOREGROUND_JOB = (
 
 @needs_real_data
 @pytest.mark.slow
-def test_ctrl_c_with_two_jobs_fails_the_running_trials_at_once_in_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "stop,exit_code,said",
+    [
+        # what a terminal's Ctrl-C does: SIGINT to the whole process group
+        ("ctrl-c", 130, "interrupted"),
+        # `kill PID`, systemd, a batch scheduler's limit: SIGTERM to the command alone
+        ("sigterm", 143, "terminated (SIGTERM)"),
+    ],
+)
+def test_a_stop_with_two_jobs_fails_the_running_trials_at_once_in_one_line(tmp_path, stop, exit_code, said):
     (tmp_path / "stop.toml").write_text(INTERRUPTED_STUDY)
     storage = f"sqlite:///{tmp_path}/studies.db"
     env = {**os.environ, "FMSEARCH_DATA": str(REAL_ROOT)}
@@ -261,11 +270,14 @@ def test_ctrl_c_with_two_jobs_fails_the_running_trials_at_once_in_one_line(tmp_p
             continue
         if sum(t.state == TrialState.RUNNING and len(t.intermediate_values) >= 1 for t in trials) == 2:
             break
-    os.killpg(study.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    if stop == "ctrl-c":
+        os.killpg(study.pid, signal.SIGINT)
+    else:
+        os.kill(study.pid, signal.SIGTERM)
     _, err = study.communicate(timeout=120)
-    assert study.returncode == 130
+    assert study.returncode == exit_code
     assert messages(err) == [
-        "fmsearch study: interrupted; running trials were marked FAIL (they do not count): rerun to resume"
+        f"fmsearch study: {said}; running trials were marked FAIL (they do not count): rerun to resume"
     ], err[-3000:]
     assert "Traceback" not in err and "leaked semaphore" not in err and "KeyboardInterrupt" not in err
     trials = optuna.load_study(study_name="stop", storage=storage).trials
@@ -273,7 +285,7 @@ def test_ctrl_c_with_two_jobs_fails_the_running_trials_at_once_in_one_line(tmp_p
     interrupted = [t for t in trials if t.user_attrs.get("stop_reason") == "interrupted"]
     assert len(interrupted) == 2 and all(t.state == TrialState.FAIL for t in interrupted)
     states = [(t.number, t.state.name) for t in trials]
-    print(f"\nCtrl-C: {messages(err)[-1]} (exit {study.returncode}); {states}")
+    print(f"\n{stop}: {messages(err)[-1]} (exit {study.returncode}); {states}")
 
 
 @pytest.mark.parametrize(
