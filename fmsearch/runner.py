@@ -18,10 +18,12 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial
 
 from fmsearch import engine, speed, teachers
 from fmsearch.config import TrainConfig
 from fmsearch.data import Splits
+from fmsearch.errors import StudyError
 from fmsearch.storage import Attr
 
 
@@ -119,3 +121,15 @@ def run(
         execution=execution,
     )
     return Run(config, result, team)
+
+
+def stored_config(study_name: str, trial: FrozenTrial) -> TrainConfig:
+    """The configuration a trial recorded, checked: another machine or version may have written it."""
+    try:
+        return TrainConfig(**trial.user_attrs[Attr.CONFIG])
+    except (KeyError, TypeError, ValueError) as error:
+        raise StudyError(
+            f"{study_name} #{trial.number}: its recorded config cannot be read ({error}): it was "
+            "written by another fmsearch version; run that version, or archive the study with "
+            "--archive-changed"
+        ) from None

@@ -379,7 +379,7 @@ def evaluate_best(
     if previous and previous.trial == best.number:
         return previous
     device = splits.test_images.device
-    config = engine.TrainConfig(**best.user_attrs[Attr.CONFIG])
+    config = runner.stored_config(study.study_name, best)
     model = build_model(config.arch, config.dropout).to(device)
     model.load_state_dict(torch.load(io.BytesIO(body), weights_only=True, map_location=device))
     run = speed.settle(config, device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -116,10 +117,11 @@ def _train_or_load(
     with open(folder / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two workers wanting one teacher: one trains, one waits
         if record_path.exists() and logits_path.exists():
-            log(f"teacher seed {teacher.seed}: from the cache ({record_path.name})")
-            device = splits.train_images.device
-            logits = torch.load(logits_path, map_location=device, weights_only=True)
-            return json.loads(record_path.read_text()), logits
+            cached, problem = _read_cached(record_path, logits_path, splits)
+            if cached is not None:
+                log(f"teacher seed {teacher.seed}: from the cache ({record_path.name})")
+                return cached
+            log(f"teacher seed {teacher.seed}: cache entry {record_path.name} {problem}: training it again")
         log(f"teacher seed {teacher.seed}: training up to {teacher.epochs} epochs")
         result = fit(teacher, splits, subset=subset, execution=run)
         logits = {
@@ -141,6 +143,28 @@ def _train_or_load(
         _atomic_save({name: views.cpu() for name, views in logits.items()}, logits_path)
         write_json(record_path, record)  # the record last: it marks the entry complete
         return record, logits
+
+
+RECORD_KEYS = {"seed", "epochs", "best_epoch", "seconds", "val_accuracy", "test_accuracy", "by_monitor"}
+
+
+def _read_cached(
+    record_path: Path, logits_path: Path, splits: Splits
+) -> tuple[tuple[dict, dict[str, torch.Tensor]] | None, str]:
+    """A cache entry's record and logits, or None and what is wrong with it (a crash mid-write on a
+    system without fsync, a file cut short, an entry of another shape): such an entry is retrained."""
+    try:
+        record = json.loads(record_path.read_text())
+        logits = torch.load(logits_path, map_location=splits.train_images.device, weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        return None, f"is unreadable ({type(error).__name__})"
+    if not isinstance(record, dict) or not set(record) >= RECORD_KEYS:
+        return None, "holds a record of another shape"
+    sizes = {name: len(images) for name, images in _split_images(splits).items()}
+    shapes = {k: getattr(v, "shape", (0, 0))[1] for k, v in logits.items()} if isinstance(logits, dict) else 0
+    if shapes != sizes:
+        return None, "holds logits of other sizes"
+    return (record, logits), ""
 
 
 def _atomic_save(obj, path: Path) -> None:

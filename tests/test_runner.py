@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import optuna
+import pytest
 
-from fmsearch import data
+from fmsearch import data, runner
+from fmsearch.errors import StudyError
 from tests.conftest import REAL_ROOT, needs_real_data, run_tiny_study, study_text
 
 TIMING = {"train_seconds", "epoch_seconds", "images_per_second"}  # the only numbers a rerun may change
@@ -42,3 +44,10 @@ def test_the_train_command_repeats_a_study_trial_record_for_record(tmp_path, tin
     recorded = {key: trial.user_attrs[key] for key in train if key in trial.user_attrs}
     assert set(recorded) >= {"config", "history", "stop_reason", "best_epoch", "execution", "labeled_images"}
     assert _comparable(recorded) == _comparable({key: train[key] for key in recorded})
+
+
+def test_a_recorded_config_of_another_shape_is_one_line_naming_the_trial():
+    trial = optuna.trial.create_trial(value=0.5, user_attrs={"config": {"arch": "plain", "colour": 1}})
+    with pytest.raises(StudyError, match=r"semi/labels=10% #-1: its recorded config cannot be read .*colour"):
+        runner.stored_config("semi/labels=10%", trial)
+    assert runner.stored_config("x", optuna.trial.create_trial(value=0.5, user_attrs={"config": {}})).arch

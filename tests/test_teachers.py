@@ -72,3 +72,20 @@ def test_the_mirror_is_averaged_in_only_for_teachers_that_trained_on_flips(tiny_
     with_mirror, _ = build(tiny_splits, tmp_path, adaptive)
     without, _ = build(tiny_splits, tmp_path, replace(adaptive, tta=False))
     assert torch.equal(with_mirror.probs, without.probs)
+
+
+def test_a_damaged_cache_entry_is_named_and_trained_again(tiny_splits, tmp_path):
+    """A logits file cut to nothing (a crash before fsync) and a record cut short: each is retrained."""
+    first, _ = build(tiny_splits, tmp_path)
+    logits = sorted(tmp_path.glob("*-logits.pt"))
+    records = sorted(p for p in tmp_path.glob("*.json"))
+    logits[0].write_bytes(b"")
+    records[1].write_text(records[1].read_text()[:20])
+    again, lines = build(tiny_splits, tmp_path)
+    damaged = [line for line in lines if "cache entry" in line]
+    assert len(damaged) == 2 and all(line.endswith("): training it again") for line in damaged)
+    assert f"cache entry {records[0].name} is unreadable (" in damaged[0]
+    assert f"cache entry {records[1].name} is unreadable (JSONDecodeError)" in damaged[1]
+    assert torch.equal(first.probs, again.probs)  # the same recipe and seed train the same teachers
+    _, lines = build(tiny_splits, tmp_path)
+    assert all("from the cache" in line for line in lines)
