@@ -32,6 +32,7 @@ from fmsearch.storage import (  # noqa: E402
     DIVERGED,
     Attr,
     BestTrialScore,
+    Gate,
     best_trial,
     is_finished,
     study_name_parts,
@@ -600,15 +601,17 @@ def publish(conditions: list[Condition], images: list[Path], summary: str, artif
     )
     for c in conditions:
         save_note(c.study, note)
-        uploaded = {meta.filename: meta.artifact_id for meta in get_all_artifact_meta(c.study)}
-        for image in images:
-            body = image.read_bytes()
-            artifact_id = uploaded.get(image.name)
-            if artifact_id is None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    upload_artifact(
-                        artifact_store=artifact_store, file_path=str(image), study_or_trial=c.study
-                    )
-            elif artifact_store.open_reader(artifact_id).read() != body:
-                artifact_store.write(artifact_id, io.BytesIO(body))
+        # Check, then upload, as one step among every machine's reports (each ends a study with one).
+        with Gate(artifact_store, c.study.study_name, purpose="figures"):
+            uploaded = {meta.filename: meta.artifact_id for meta in get_all_artifact_meta(c.study)}
+            for image in images:
+                body = image.read_bytes()
+                artifact_id = uploaded.get(image.name)
+                if artifact_id is None:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        upload_artifact(
+                            artifact_store=artifact_store, file_path=str(image), study_or_trial=c.study
+                        )
+                elif artifact_store.open_reader(artifact_id).read() != body:
+                    artifact_store.write(artifact_id, io.BytesIO(body))

@@ -411,21 +411,31 @@ class Gate:
     SQLite (one machine): an flock on a file beside the database, which the kernel drops likewise.
     """
 
-    def __init__(self, rdb: RDBStorage, study_name: str):
+    def __init__(self, rdb: RDBStorage | DatabaseArtifactStore, study_name: str, purpose: str = "gate"):
+        """`purpose` names what the lock serializes; other purposes never wait for this one."""
         self.engine = rdb.engine
         self.backend = rdb.engine.url.get_backend_name()
         self.study_name = study_name
+        self.purpose = purpose
         self._held: Any = None
+
+    def __enter__(self) -> Gate:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
 
     def acquire(self) -> None:
         if self.backend == "postgresql":
-            key = int.from_bytes(hashlib.sha1(self.study_name.encode()).digest()[:8], "big", signed=True)
+            named = self.study_name if self.purpose == "gate" else f"{self.study_name}#{self.purpose}"
+            key = int.from_bytes(hashlib.sha1(named.encode()).digest()[:8], "big", signed=True)
             connection = self.engine.connect()
             connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
             connection.commit()
             self._held = (connection, key)
         elif self.backend == "sqlite" and self.engine.url.database:
-            handle = open(f"{self.engine.url.database}.gate", "a")  # noqa: SIM115 (held until release)
+            handle = open(f"{self.engine.url.database}.{self.purpose}", "a")  # noqa: SIM115 (held until release)
             fcntl.flock(handle, fcntl.LOCK_EX)
             self._held = handle
 

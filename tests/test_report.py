@@ -1,6 +1,7 @@
 import shutil
 import subprocess
 import sys
+import threading
 
 import optuna
 import pytest
@@ -162,3 +163,42 @@ def test_a_stored_test_score_of_another_trial_is_never_shown_as_the_best_ones(tm
     BestTrialScore(1, 0.9, 0.4, 0.8888, [[1]], ["T-shirt/top"]).save(made)
     (condition,) = report.load_conditions(url, "stale")
     assert "test accuracy 0.8888 (trial #1)" in report.summary_markdown("stale", [condition], [], "")
+
+
+def test_two_reports_at_once_upload_each_figure_once(tmp_path, monkeypatch):
+    """Report A has checked which figures the study holds; report B checks while A waits before
+    uploading. Without a lock around check-then-upload both find none and both upload."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    made = optuna.create_study(study_name="race", storage=url, direction="maximize")
+    made.add_trial(optuna.trial.create_trial(value=0.5))
+    images = []
+    for name in ("curves.png", "search.png"):
+        Image.new("RGB", (8, 8), (len(name), 0, 0)).save(tmp_path / name)
+        images.append(tmp_path / name)
+    real = optuna.artifacts.get_all_artifact_meta
+    a_checked, b_checked = threading.Event(), threading.Event()
+
+    def checking(study_or_trial, **kwargs):
+        metas = real(study_or_trial, **kwargs)
+        if threading.current_thread().name == "A":
+            a_checked.set()
+            b_checked.wait(timeout=3)  # B's check, if nothing holds B back
+        else:
+            b_checked.set()
+        return metas
+
+    monkeypatch.setattr(optuna.artifacts, "get_all_artifact_meta", checking)
+
+    def publish():
+        rdb = open_storage(url)
+        report.publish(report.load_conditions(rdb, "race"), images, "# race", DatabaseArtifactStore(rdb))
+
+    a = threading.Thread(target=publish, name="A")
+    b = threading.Thread(target=publish, name="B")
+    a.start()
+    assert a_checked.wait(timeout=30)
+    b.start()
+    a.join(timeout=60)
+    b.join(timeout=60)
+    names = sorted(meta.filename for meta in real(optuna.load_study(study_name="race", storage=url)))
+    assert names == ["curves.png", "search.png"]
