@@ -239,6 +239,13 @@ def _positive_int(path: Path, raw: dict, key: str, default: int | None) -> int |
     return value
 
 
+def _run_level(path: Path, raw: dict, key: str, field: str) -> int:
+    """A top-level key that sets a TrainConfig field for every trial: its default and its rule are
+    that field's (max_epochs is `epochs`), declared once in config.py."""
+    declared = parameters(TrainConfig)[field]
+    return _check_value(path, key, declared, raw.get(key, declared.default))
+
+
 def _val_size(path: Path, raw: dict) -> int | None:
     """At least one validation image per class, and a training pool left over of the 60,000."""
     value = _positive_int(path, raw, "val_size", None)
@@ -339,9 +346,9 @@ def parse(path: Path, text: str | None = None) -> StudySpec:
         path=path,
         description=description,
         trials=_positive_int(path, raw, "trials", 20),
-        max_epochs=_positive_int(path, raw, "max_epochs", 15),
-        batch_size=_positive_int(path, raw, "batch_size", 64),
-        patience=_positive_int(path, raw, "patience", 3),
+        max_epochs=_run_level(path, raw, "max_epochs", "epochs"),
+        batch_size=_run_level(path, raw, "batch_size", "batch_size"),
+        patience=_run_level(path, raw, "patience", "patience"),
         metric=metric,
         pool_limit=_positive_int(path, raw, "pool_limit", None),
         val_size=_val_size(path, raw),

@@ -6,7 +6,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from fmsearch import spec
+from fmsearch import engine, spec
 from tests.conftest import TINY_STUDY
 
 STUDIES = sorted(Path("studies").glob("*.toml"))
@@ -196,3 +196,13 @@ def test_trials_from_the_command_line_are_checked_as_the_files_own_are(tmp_path)
         single.overridden(trials=3)
     with pytest.raises(spec.SpecError, match=r"--epochs 0: give a whole number of at least 1"):
         single.overridden(max_epochs=0)
+
+
+def test_a_study_file_that_leaves_out_the_run_level_keys_gets_train_configs_defaults(tmp_path):
+    bare = spec.parse(tmp_path / "bare.toml", 'description = "defaults"\ntrials = 1\n')
+    defaults = engine.TrainConfig()
+    assert (bare.max_epochs, bare.batch_size, bare.patience) == (
+        defaults.epochs,
+        defaults.batch_size,
+        defaults.patience,
+    )
