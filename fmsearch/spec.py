@@ -107,7 +107,7 @@ class StudySpec:
     trials: int  # per condition
     max_epochs: int
     batch_size: int
-    patience: int  # early stopping, epochs without a lower validation loss
+    patience: int  # early stopping: epochs without a better value of the monitor (the metric)
     metric: str  # maximized
     pool_limit: int | None  # train on a slice of the pool (smoke runs)
     val_size: int | None  # images held out for validation (None: data.DataConfig's 10,000)
