@@ -19,39 +19,35 @@ from optuna.trial import TrialState
 from fmsearch import storage
 from tests.conftest import REAL_ROOT, messages, needs_real_data, run_tiny_study, study_text
 
-SCALE_STUDY = """
-description = "three machines, one PostgreSQL"
-trials = 3
-max_epochs = 3
-batch_size = 64
-patience = 3
-pool_limit = 600
-val_size = 1000  # validation dominated these epochs; the test is about workers
-
-[sampler]
-name = "tpe"
-seed = 0
-
-[pruner]
-name = "none"
-
-[fixed]
-optimizer = "adam"
-arch = "plain"
-
-[conditions]
-labeled_fraction = [1.0, 0.5]
-
-[space]
-lr = { low = 1e-3, high = 3e-3, log = true }
-dropout = { low = 0.0, high = 0.5 }
-"""
+SCALE_STUDY = (
+    study_text(trials=3, max_epochs=3, patience=3, fixed="optimizer = 'adam'\narch = 'plain'")
+    .replace(
+        "batch_size = 32", "batch_size = 64\npool_limit = 600\nval_size = 1000"
+    )  # the test is about workers
+    .replace("labeled_fraction = [1.0]", "labeled_fraction = [1.0, 0.5]")
+    .replace("arch = ['plain', 'adaptive']\n", "")
+)
 SCALE_NAMES = ("scale/labels=100%", "scale/labels=50%")
 
 
 def cli_env(url: str) -> dict[str, str]:
     """The environment of a worker: the storage URL (with its password) only in $FMSEARCH_STORAGE."""
     return {**os.environ, "FMSEARCH_DATA": str(REAL_ROOT), storage.ENV_URL: url, "OMP_NUM_THREADS": "1"}
+
+
+def worker_command(study_file: Path) -> list[str]:
+    """One machine's `fmsearch study` on the shared storage, with a 1 s heartbeat."""
+    return [
+        sys.executable,
+        "-m",
+        "fmsearch.cli",
+        "study",
+        str(study_file),
+        "--device",
+        "cpu",
+        "--heartbeat",
+        "1",
+    ]
 
 
 def fmsearch(*args: str, cwd: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -87,17 +83,7 @@ def test_three_worker_commands_on_postgresql_end_at_exactly_n_even_after_a_kill_
     study_file = tmp_path / "scale.toml"
     study_file.write_text(SCALE_STUDY)
     env = cli_env(postgres_url)
-    command = [
-        sys.executable,
-        "-m",
-        "fmsearch.cli",
-        "study",
-        str(study_file),
-        "--device",
-        "cpu",
-        "--heartbeat",
-        "1",
-    ]
+    command = worker_command(study_file)
     machines = [tmp_path / f"machine-{i}" for i in range(3)]
     for folder in machines:
         folder.mkdir()
@@ -395,17 +381,7 @@ def test_postgresql_going_away_mid_study_is_one_line_and_a_rerun_finishes(
         SCALE_STUDY.replace("max_epochs = 3", "max_epochs = 2").replace("[1.0, 0.5]", "[1.0]")
     )
     env = cli_env(postgres_url)
-    command = [
-        sys.executable,
-        "-m",
-        "fmsearch.cli",
-        "study",
-        str(study_file),
-        "--device",
-        "cpu",
-        "--heartbeat",
-        "1",
-    ]
+    command = worker_command(study_file)
     worker = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
