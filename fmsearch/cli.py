@@ -289,7 +289,8 @@ def cmd_study(args: argparse.Namespace) -> None:
     splits = study.load_splits(study_spec, options)  # a pool_limit the data cannot meet stops here
     archived = study.prepare(study_spec, options, archive_changed=args.archive_changed)
     for old, new in archived.items():
-        print(f"archived {old} as {new} (its trials are kept; `fmsearch report {new.split('/')[0]}`)")
+        spec_name = storage.study_name_parts(new)[0]
+        print(f"archived {old} as {new} (its trials are kept; `fmsearch report {spec_name}`)")
     plan = cost.plan(study_spec, splits)
     print(f"study {study_spec.name}: {study_spec.description}")
     print(f"storage {storage.mask(options.storage)}; watch it live with `make dashboard`")
