@@ -52,6 +52,7 @@ class Attr:
     MAX_EPOCHS = "max_epochs"
     BATCH_SIZE = "batch_size"
     ARCHIVED_FROM = "archived_from"
+    WORKERS_JOINED = "workers_joined"  # how many workers, on every machine, have joined it
     TEST = "test"  # the best trial's test-set score
     # on each trial
     CONFIG = "config"
@@ -64,6 +65,7 @@ class Attr:
     LABELED_IMAGES = "labeled_images"  # labeled images the run trained on (not the config's request)
     TEACHER_TEAM = "teacher_team"  # distill's teachers: count, cost and accuracies (runner.teachers_record)
     ERROR = "error"
+    SAMPLER_SEED = "sampler_seed"  # its worker's: every worker on every machine draws its own
 
 
 # A run's stop_reason (Attr.STOP_REASON): how it ended.

@@ -108,6 +108,17 @@ def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseS
     )
 
 
+def _seed_offset(rdb: optuna.storages.RDBStorage, name: str) -> int:
+    """A distinct, resume-aware offset to the sampler's seed for each worker that joins a study: 1000
+    times its place among every worker that ever joined, on any machine (counted under the gate),
+    plus the trials before it. Machines started together would otherwise all draw the same points."""
+    study = optuna.load_study(study_name=name, storage=rdb)
+    with storage.Gate(rdb, name):
+        joined = study.user_attrs.get(Attr.WORKERS_JOINED, 0)
+        study.set_user_attr(Attr.WORKERS_JOINED, joined + 1)
+        return 1000 * joined + len(study.get_trials(deepcopy=False))
+
+
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The spec's pruner. Its warm-up is judged by the objective (`_train`), which adds a pseudo-label
     trial's labeled-only epochs to it, so Optuna's own warm-up is left at 0."""
@@ -299,16 +310,12 @@ def work(
     crashes: list[str] = []  # this worker's trials in a row that raised
     for condition in spec.condition_list():
         name = spec.study_name(condition)
-        # A distinct, resume-aware seed per worker, so workers and reruns don't repeat each other.
-        done_before = len(optuna.load_study(study_name=name, storage=rdb).trials)
-        study = optuna.load_study(
-            study_name=name,
-            storage=rdb,
-            sampler=make_sampler(spec, seed_offset=1000 * worker + done_before),
-            pruner=make_pruner(spec),
-        )
+        offset = _seed_offset(rdb, name)
+        sampler = make_sampler(spec, seed_offset=offset)
+        study = optuna.load_study(study_name=name, storage=rdb, sampler=sampler, pruner=make_pruner(spec))
         gate = storage.Gate(rdb, name)
         objective = Objective(spec, condition, splits, options, reporter, gate, name, artifacts)
+        objective.meta[Attr.SAMPLER_SEED] = (spec.sampler.seed + offset) % 2**32
 
         def finished_callback(study: optuna.Study, trial: FrozenTrial, name: str = name) -> None:
             outcome = outcome_of(name, trial)

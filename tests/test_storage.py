@@ -123,6 +123,10 @@ def test_three_worker_commands_on_postgresql_end_at_exactly_n_even_after_a_kill_
         assert sum(storage.is_finished(t) for t in trials) == 3, [(t.number, t.state) for t in trials]
         assert [t.number for t in trials] == list(range(len(trials)))  # none duplicated, none lost
         assert not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+        # Machines started together must not all draw TPE's start-up points alike.
+        ran = [t for t in trials if "worker" in t.user_attrs]
+        seeds = {t.user_attrs["worker"]: t.user_attrs["sampler_seed"] for t in ran}
+        assert len(seeds) >= 2 and len(set(seeds.values())) == len(seeds), seeds
     killed = optuna.load_study(study_name=SCALE_NAMES[0], storage=postgres_url).trials[victim_trial]
     assert killed.state == TrialState.FAIL
     retried = optuna.load_study(study_name=SCALE_NAMES[0], storage=postgres_url).trials

@@ -222,3 +222,11 @@ def test_a_sampler_seed_near_the_32_bit_limit_still_seeds_every_worker(tmp_path)
     for offset in (0, 1000 * 3 + 17):
         sampler = study.make_sampler(big, seed_offset=offset)
         optuna.create_study(sampler=sampler).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+
+
+def test_each_worker_that_joins_a_study_gets_its_own_sampler_seed(tmp_path):
+    """Workers on machines started together have the same local index and see the same trials."""
+    rdb = storage.open_storage(f"sqlite:///{tmp_path}/s.db")
+    optuna.create_study(study_name="seeds", storage=rdb, direction="maximize")
+    offsets = [study._seed_offset(rdb, "seeds") for _ in range(3)]
+    assert offsets == [0, 1000, 2000]
