@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -118,6 +119,10 @@ class BestTrialScore:
 
 class StorageError(FmsearchError):
     """A storage cannot be used as asked; the message names it (password hidden) and the fix."""
+
+
+class GateTimeout(StorageError):
+    """A worker waited too long for a study's gate: another worker holds it and does not go on."""
 
 
 def is_finished(trial: FrozenTrial) -> bool:
@@ -411,14 +416,25 @@ class Gate:
     worker holds it from counting until its new trial exists, and releasing twice is harmless.
     PostgreSQL: an advisory lock, which the server drops when a killed worker's connection goes.
     SQLite (one machine): an flock on a file beside the database, which the kernel drops likewise.
+    A holder that is stopped but alive (Ctrl-Z, a paused VM) keeps it: the wait is bounded
+    (`timeout`), and then a GateTimeout names the study and what to check.
     """
 
-    def __init__(self, rdb: RDBStorage | DatabaseArtifactStore, study_name: str, purpose: str = "gate"):
+    POLL_SECONDS = 0.2
+
+    def __init__(
+        self,
+        rdb: RDBStorage | DatabaseArtifactStore,
+        study_name: str,
+        purpose: str = "gate",
+        timeout: float = 600.0,
+    ):
         """`purpose` names what the lock serializes; other purposes never wait for this one."""
         self.engine = rdb.engine
         self.backend = rdb.engine.url.get_backend_name()
         self.study_name = study_name
         self.purpose = purpose
+        self.timeout = timeout
         self._held: Any = None
 
     def __enter__(self) -> Gate:
@@ -433,13 +449,37 @@ class Gate:
             named = self.study_name if self.purpose == "gate" else f"{self.study_name}#{self.purpose}"
             key = int.from_bytes(hashlib.sha1(named.encode()).digest()[:8], "big", signed=True)
             connection = self.engine.connect()
-            connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                self._wait(
+                    lambda: connection.execute(
+                        sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}
+                    ).scalar()
+                )
+            except BaseException:
+                connection.close()
+                raise
             connection.commit()
             self._held = (connection, key)
         elif self.backend == "sqlite" and self.engine.url.database:
-            handle = open(f"{self.engine.url.database}.{self.purpose}", "a")  # noqa: SIM115 (held until release)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            study = hashlib.sha1(self.study_name.encode()).hexdigest()[:12]  # one lock file per study
+            handle = open(f"{self.engine.url.database}.{self.purpose}-{study}", "a")  # noqa: SIM115 (held until release)
+            try:
+                self._wait(lambda: _try_flock(handle))
+            except BaseException:
+                handle.close()
+                raise
             self._held = handle
+
+    def _wait(self, try_once: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not try_once():
+            if time.monotonic() > deadline:
+                raise GateTimeout(
+                    f"{self.study_name}: waited {self.timeout:.0f} s for another worker to finish starting "
+                    f"a trial ({self.purpose}): a worker of this study may be stopped (Ctrl-Z, a paused "
+                    "machine); resume or end it, then rerun; no trial ran past the study's count"
+                )
+            time.sleep(self.POLL_SECONDS)
 
     def release(self) -> None:
         held, self._held = self._held, None
@@ -455,6 +495,14 @@ class Gate:
         else:
             fcntl.flock(held, fcntl.LOCK_UN)
             held.close()
+
+
+def _try_flock(handle) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def study_name(spec_name: str, condition: str) -> str:

@@ -422,3 +422,27 @@ def test_postgresql_going_away_mid_study_is_one_line_and_a_rerun_finishes(
     trials = optuna.load_study(study_name=SCALE_NAMES[0], storage=postgres_url).trials
     assert sum(map(storage.is_finished, trials)) == 3
     print(f"after the rerun: {[(t.number, t.state.name) for t in trials]}")
+
+
+def _gate_is_bounded(url: str) -> None:
+    rdb = storage.open_storage(url)
+    holder = storage.Gate(rdb, "bounded/labels=100%")
+    holder.acquire()  # a worker that took the gate, then was stopped (Ctrl-Z) before starting its trial
+    waiter = storage.Gate(rdb, "bounded/labels=100%", timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(storage.GateTimeout, match=r"bounded/labels=100%: waited 0 s .* may be stopped"):
+        waiter.acquire()
+    assert time.monotonic() - started < 5
+    with storage.Gate(rdb, "bounded/labels=50%", timeout=0.5):  # another study's gate is free
+        pass
+    holder.release()
+    with waiter:  # free again
+        pass
+
+
+def test_a_stopped_holder_of_the_sqlite_gate_stalls_the_others_only_up_to_the_bound(tmp_path):
+    _gate_is_bounded(f"sqlite:///{tmp_path}/s.db")
+
+
+def test_a_stopped_holder_of_the_postgresql_gate_stalls_the_others_only_up_to_the_bound(postgres_url):
+    _gate_is_bounded(postgres_url)
