@@ -31,6 +31,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from fmsearch import files
 from fmsearch.errors import FmsearchError
 
 DEFAULT_URL = "sqlite:///results/studies.db"
@@ -503,6 +504,28 @@ def _try_flock(handle) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def join(rdb: RDBStorage, name: str) -> int:
+    """A distinct, resume-aware offset to the sampler's seed for each worker that joins a study: 1000
+    times its place among every worker that ever joined, on any machine (counted under the gate),
+    plus the trials before it. Machines started together would otherwise all draw the same points."""
+    study = optuna.load_study(study_name=name, storage=rdb)
+    with Gate(rdb, name):
+        joined = study.user_attrs.get(Attr.WORKERS_JOINED, 0)
+        study.set_user_attr(Attr.WORKERS_JOINED, joined + 1)
+        return 1000 * joined + len(study.get_trials(deepcopy=False))
+
+
+def keep_best_weights(body: bytes, path: Path) -> None:
+    """Copy a best trial's weights from the storage to this machine's results folder."""
+    try:
+        files.write_bytes(path, body)
+    except OSError as error:
+        raise StorageError(
+            f"cannot write {path} ({error.strerror}): free disk space, then rerun; the weights stay in "
+            "the storage"
+        ) from None
 
 
 def study_name(spec_name: str, condition: str) -> str:

@@ -108,17 +108,6 @@ def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseS
     )
 
 
-def _seed_offset(rdb: optuna.storages.RDBStorage, name: str) -> int:
-    """A distinct, resume-aware offset to the sampler's seed for each worker that joins a study: 1000
-    times its place among every worker that ever joined, on any machine (counted under the gate),
-    plus the trials before it. Machines started together would otherwise all draw the same points."""
-    study = optuna.load_study(study_name=name, storage=rdb)
-    with storage.Gate(rdb, name):
-        joined = study.user_attrs.get(Attr.WORKERS_JOINED, 0)
-        study.set_user_attr(Attr.WORKERS_JOINED, joined + 1)
-        return 1000 * joined + len(study.get_trials(deepcopy=False))
-
-
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The spec's pruner. Its warm-up is judged by the objective (`_train`), which adds a pseudo-label
     trial's labeled-only epochs to it, so Optuna's own warm-up is left at 0."""
@@ -185,6 +174,7 @@ class Objective:
     gate: storage.Gate  # held by work() until the trial exists
     study_name: str
     artifacts: storage.DatabaseArtifactStore
+    running: int | None = None  # the number of the trial this worker runs now
 
     def __post_init__(self) -> None:
         # Workers on one CPU split its cores; a thread count the study file fixes is kept.
@@ -194,10 +184,11 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.gate.release()  # the trial now exists: other workers may count it
+        self.running = trial.number
         try:
             return self._train(trial)
-        except (optuna.TrialPruned, engine.DivergenceError):
-            raise
+        except (optuna.TrialPruned, engine.DivergenceError, optuna.exceptions.UpdateFinishedTrialError):
+            raise  # the last: another worker failed this trial as stale (see _next_trial)
         except KeyboardInterrupt:
             trial.set_user_attr(Attr.STOP_REASON, INTERRUPTED)
             raise
@@ -273,6 +264,12 @@ class Objective:
         return value
 
 
+TAKEN = (
+    "another worker failed it as stale (this worker went longer than the grace period without a "
+    "heartbeat: paused, or its heartbeat writes failed); its result is dropped and the trial retried"
+)
+
+
 def outcome_of(study_name: str, trial: FrozenTrial) -> TrialOutcome:
     attrs = trial.user_attrs
     stop = attrs.get(Attr.STOP_REASON, PRUNED if trial.state == TrialState.PRUNED else STALE)
@@ -310,7 +307,7 @@ def work(
     crashes: list[str] = []  # this worker's trials in a row that raised
     for condition in spec.condition_list():
         name = spec.study_name(condition)
-        offset = _seed_offset(rdb, name)
+        offset = storage.join(rdb, name)
         sampler = make_sampler(spec, seed_offset=offset)
         study = optuna.load_study(study_name=name, storage=rdb, sampler=sampler, pruner=make_pruner(spec))
         gate = storage.Gate(rdb, name)
@@ -352,13 +349,21 @@ def _next_trial(
             return "done"
         if states[TrialState.WAITING] == 0 and finished + states[TrialState.RUNNING] >= wanted:
             return "wait"
-        study.optimize(
-            objective,
-            n_trials=1,
-            catch=(engine.DivergenceError, TrialCrashed),
-            callbacks=[callback],
-            gc_after_trial=False,
-        )
+        try:
+            study.optimize(
+                objective,
+                n_trials=1,
+                catch=(engine.DivergenceError, TrialCrashed),
+                callbacks=[callback],
+                gc_after_trial=False,
+            )
+        except (optuna.exceptions.UpdateFinishedTrialError, AssertionError, ValueError):
+            taken = next((t for t in study.get_trials(deepcopy=False) if t.number == objective.running), None)
+            if taken is None or taken.state != TrialState.FAIL:
+                raise
+            objective.reporter.trial_end(
+                replace(outcome_of(objective.study_name, taken), stop_reason=STALE, error=TAKEN)
+            )
         return "ran"
     finally:
         gate.release()  # the objective gave it back once its trial existed; this is for the rest
@@ -381,7 +386,7 @@ def evaluate_best(
             f"{study.study_name}: its best trial #{best.number} has no weights in the storage (it ran "
             "before fmsearch kept them there): archive the study with --archive-changed and rerun it"
         )
-    _copy_weights(body, storage.best_weights_path(results_dir, study.study_name))
+    storage.keep_best_weights(body, storage.best_weights_path(results_dir, study.study_name))
     previous = storage.BestTrialScore.of(study)
     if previous and previous.trial == best.number:
         return previous
@@ -401,16 +406,6 @@ def evaluate_best(
     )
     score.save(study)
     return score
-
-
-def _copy_weights(body: bytes, path: Path) -> None:
-    try:
-        files.write_bytes(path, body)
-    except OSError as error:
-        raise StudyError(
-            f"cannot write {path} ({error.strerror}): free disk space, then rerun; the weights stay in "
-            "the storage"
-        ) from None
 
 
 def summarize(study: optuna.Study) -> ConditionSummary:

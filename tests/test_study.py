@@ -228,5 +228,5 @@ def test_each_worker_that_joins_a_study_gets_its_own_sampler_seed(tmp_path):
     """Workers on machines started together have the same local index and see the same trials."""
     rdb = storage.open_storage(f"sqlite:///{tmp_path}/s.db")
     optuna.create_study(study_name="seeds", storage=rdb, direction="maximize")
-    offsets = [study._seed_offset(rdb, "seeds") for _ in range(3)]
+    offsets = [storage.join(rdb, "seeds") for _ in range(3)]
     assert offsets == [0, 1000, 2000]

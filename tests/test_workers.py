@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import OperationalError
 
 from fmsearch import storage, workers
-from tests.conftest import run_tiny_study, study_text
+from tests.conftest import QuietProgress, QuietReporter, run_tiny_study, study_text, write_study
 
 
 def trials_of(storage_url: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -122,3 +122,46 @@ def test_a_worker_catches_ctrl_c_only_where_its_command_was_not_started_deaf_to_
         assert signal.getsignal(signal.SIGINT) is workers._interrupt_once
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+class _TakenOver(QuietProgress):
+    """After the trial's first epoch, another worker's stale check fails it, as when this worker was
+    paused past the grace period."""
+
+    def __init__(self, url: str, name: str, number: int):
+        self.url, self.name, self.number = url, name, number
+
+    def epoch_end(self, metrics: dict) -> None:
+        if self.number == 0 and metrics["epoch"] == 1:
+            study = optuna.load_study(study_name=self.name, storage=self.url)
+            (trial,) = [t for t in study.get_trials(deepcopy=False) if t.number == 0]
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+
+
+class _TakingReporter(QuietReporter):
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+
+    def trial_progress(self, study_name: str, number: int, max_epochs: int) -> _TakenOver:
+        return _TakenOver(self.url, study_name, number)
+
+
+def test_a_worker_whose_trial_was_failed_as_stale_says_so_in_one_line_and_goes_on(tmp_path, tiny):
+    """Optuna 5 then raises on telling the trial (5.1: AssertionError "Should not reach."): the worker
+    reports the trial as taken and runs the next one."""
+    from fmsearch import spec, study
+
+    study_spec = spec.parse(write_study(tmp_path, study_text(trials=2, max_epochs=2), "taken"))
+    options = study.RunOptions(
+        storage=f"sqlite:///{tmp_path}/studies.db",
+        results_dir=tmp_path / "results",
+        data_config=tiny.config(),
+    )
+    study.prepare(study_spec, options)
+    reporter = _TakingReporter(options.storage)
+    study.run(study_spec, options, lambda worker: reporter, study.load_splits(study_spec, options))
+    outcomes = {o.number: o for o in reporter.ended}
+    assert outcomes[0].stop_reason == "stale" and outcomes[0].error.startswith("another worker failed it")
+    trials = trials_of(options.storage, "taken/labels=100%")
+    assert trials[0].state == TrialState.FAIL and sum(storage.is_finished(t) for t in trials) == 2
