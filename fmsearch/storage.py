@@ -9,6 +9,8 @@ line that names the storage with its password hidden (`fault_message`).
 from __future__ import annotations
 
 import contextlib
+import copy
+import datetime
 import errno
 import fcntl
 import hashlib
@@ -504,6 +506,39 @@ def _try_flock(handle) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def fail_heartbeatless_trials(study: optuna.Study, grace_seconds: float) -> None:
+    """Fail the RUNNING trials that never sent a heartbeat and started over `grace_seconds` ago, and
+    have them retried as stale ones are. Their worker died between creating the trial and its first
+    heartbeat (the sampler's work falls in that window); Optuna's stale check reads heartbeats only,
+    so it would leave them RUNNING for ever, holding a slot of the study's N."""
+    backend = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(backend, RDBStorage) or backend.get_heartbeat_interval() is None:
+        return
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace_seconds)
+    old = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.datetime_start is not None and t.datetime_start < cutoff
+    ]
+    if not old:
+        return
+    query = sa.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(
+        sa.bindparam("ids", expanding=True)
+    )
+    with backend.engine.connect() as connection:
+        beating = {row[0] for row in connection.execute(query, {"ids": [t._trial_id for t in old]})}
+    retry = backend.get_heartbeat_stale_trial_callback()
+    for trial in old:
+        if trial._trial_id in beating:
+            continue  # Optuna's own stale check judges it by its heartbeat
+        try:
+            failed = study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first
+        if failed and retry is not None:
+            retry(study, copy.deepcopy(study._storage.get_trial(trial._trial_id)))
 
 
 def join(rdb: RDBStorage, name: str) -> int:

@@ -165,3 +165,19 @@ def test_a_worker_whose_trial_was_failed_as_stale_says_so_in_one_line_and_goes_o
     assert outcomes[0].stop_reason == "stale" and outcomes[0].error.startswith("another worker failed it")
     trials = trials_of(options.storage, "taken/labels=100%")
     assert trials[0].state == TrialState.FAIL and sum(storage.is_finished(t) for t in trials) == 2
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path, tiny):
+    """`ask()` creates a RUNNING trial and starts no heartbeat: a worker killed in that window leaves
+    such a trial, which Optuna's stale check never fails. A rerun must not wait for it for ever."""
+    text = study_text(trials=2, max_epochs=1)
+    first = run_tiny_study(tmp_path, tiny, text, name="killed", trials=1)
+    name = first.summaries[0].study_name
+    orphan = optuna.load_study(study_name=name, storage=first.storage).ask()
+    rerun = WORKER_SCRIPT.format(repo=str(Path.cwd()), folder=str(tmp_path), text=text, jobs=1)
+    result = subprocess.run([sys.executable, "-c", rerun], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = trials_of(first.storage, name)
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert sum(storage.is_finished(t) for t in trials) == 2
+    assert any(t.system_attrs.get("failed_trial") == orphan.number for t in trials)  # retried
