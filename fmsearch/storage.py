@@ -57,6 +57,7 @@ class Attr:
     BATCH_SIZE = "batch_size"
     ARCHIVED_FROM = "archived_from"
     WORKERS_JOINED = "workers_joined"  # how many workers, on every machine, have joined it
+    GRACE_SECONDS = "grace_seconds"  # silence before any worker fails a trial as dead: the first joiner's
     TEST = "test"  # the best trial's test-set score
     # on each trial
     CONFIG = "config"
@@ -508,15 +509,16 @@ def _try_flock(handle) -> bool:
     return True
 
 
-def fail_heartbeatless_trials(study: optuna.Study, grace_seconds: float) -> None:
-    """Fail the RUNNING trials that never sent a heartbeat and started over `grace_seconds` ago, and
+def fail_heartbeatless_trials(study: optuna.Study) -> None:
+    """Fail the RUNNING trials that never sent a heartbeat and started over the grace period ago, and
     have them retried as stale ones are. Their worker died between creating the trial and its first
     heartbeat (the sampler's work falls in that window); Optuna's stale check reads heartbeats only,
     so it would leave them RUNNING for ever, holding a slot of the study's N."""
     backend = getattr(study._storage, "_backend", study._storage)
     if not isinstance(backend, RDBStorage) or backend.get_heartbeat_interval() is None:
         return
-    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace_seconds)
+    grace = backend.grace_period or 2 * backend.get_heartbeat_interval()  # Optuna's own default
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
     old = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -542,11 +544,28 @@ def fail_heartbeatless_trials(study: optuna.Study, grace_seconds: float) -> None
 
 
 def join(rdb: RDBStorage, name: str) -> int:
-    """A distinct, resume-aware offset to the sampler's seed for each worker that joins a study: 1000
-    times its place among every worker that ever joined, on any machine (counted under the gate),
-    plus the trials before it. Machines started together would otherwise all draw the same points."""
+    """Join a study as one more worker. Returns a distinct, resume-aware offset to the sampler's seed:
+    1000 times its place among every worker that ever joined, on any machine (counted under the gate),
+    plus the trials before it. Machines started together would otherwise all draw the same points.
+
+    The study's grace period is the first worker's (its --heartbeat x 4), recorded once and used by
+    every later worker, so that a worker started with another --heartbeat never fails a live trial
+    early; a worker whose heartbeat is too slow for the recorded grace is refused in one line."""
     study = optuna.load_study(study_name=name, storage=rdb)
     with Gate(rdb, name):
+        grace = study.user_attrs.get(Attr.GRACE_SECONDS)
+        heartbeat = rdb.get_heartbeat_interval()
+        if heartbeat is not None:
+            if grace is None:
+                grace = rdb.grace_period or 2 * heartbeat
+                study.set_user_attr(Attr.GRACE_SECONDS, grace)
+            elif 2 * heartbeat > grace:
+                raise StorageError(
+                    f"--heartbeat {heartbeat} is too slow for study {name!r}: its trials count as dead "
+                    f"after {grace} s without a heartbeat (set when its first worker joined); use "
+                    f"--heartbeat {max(1, grace // 4)}"
+                )
+            rdb.grace_period = grace  # Optuna's stale check reads it for every trial of the study
         joined = study.user_attrs.get(Attr.WORKERS_JOINED, 0)
         study.set_user_attr(Attr.WORKERS_JOINED, joined + 1)
         return 1000 * joined + len(study.get_trials(deepcopy=False))

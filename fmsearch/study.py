@@ -342,7 +342,7 @@ def _next_trial(
     gate.acquire()
     try:
         fail_stale_trials(study)  # a dead worker's RUNNING trial -> FAIL, and a WAITING retry
-        storage.fail_heartbeatless_trials(study, objective.options.grace_period)  # ... and one never beat
+        storage.fail_heartbeatless_trials(study)  # ... and one never beat
         trials = study.get_trials(deepcopy=False)
         finished = sum(map(is_finished, trials))
         states = Counter(t.state for t in trials)
