@@ -71,6 +71,7 @@ class Attr:
     TEACHER_TEAM = "teacher_team"  # distill's teachers: count, cost and accuracies (runner.teachers_record)
     ERROR = "error"
     SAMPLER_SEED = "sampler_seed"  # its worker's: every worker on every machine draws its own
+    WEIGHTS = "weights"  # {"trial": number, "artifact": id}: the weights this trial itself stored
 
 
 # A run's stop_reason (Attr.STOP_REASON): how it ended.
@@ -230,7 +231,7 @@ def open_storage(
 ) -> RDBStorage:
     """RDB storage with a heartbeat: a trial whose process died is failed, then retried up to 3 times."""
     check_url(url)
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=3) if heartbeat_interval else None
+    retry = RetryAfresh(max_retry=3) if heartbeat_interval else None
     try:
         for attempt in range(3):
             try:
@@ -397,20 +398,59 @@ class DatabaseArtifactStore:
             connection.execute(sa.delete(_ARTIFACTS).where(_ARTIFACTS.c.artifact_id == artifact_id))
 
 
+class RetryAfresh(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a dead worker's trial, without what the dead attempt wrote.
+
+    Optuna's callback copies the attempt's user attributes and artifact links to the retry, so a
+    retry that crashed early would show the dead attempt's curve, and its weights would sit beside
+    the attempt's. The retry keeps the parameters and where it came from (`failed_trial`)."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        fresh = copy.deepcopy(trial)
+        fresh.user_attrs = {}
+        fresh.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith(ARTIFACT_LINK)}
+        super().__call__(study, fresh)
+
+
+ARTIFACT_LINK = "artifacts:"  # the system-attribute prefix by which Optuna links an artifact to a trial
+
+
 def keep_weights(artifacts: DatabaseArtifactStore, trial: optuna.Trial, state: dict) -> None:
-    """Store a trial's best-epoch weights in the storage, as its artifact WEIGHTS_FILE."""
+    """Store a trial's best-epoch weights in the storage, as its artifact WEIGHTS_FILE, and name that
+    artifact on the trial (Attr.WEIGHTS) with the trial's number."""
     import torch  # here, not above: the command line's parser imports this module without torch
 
     with tempfile.TemporaryDirectory(prefix="fmsearch-") as folder:
         path = Path(folder) / WEIGHTS_FILE
         torch.save(state, path)
-        upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)
+        artifact = upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)
+    trial.set_user_attr(Attr.WEIGHTS, {"trial": trial.number, "artifact": artifact})
 
 
 def kept_weights(artifacts: DatabaseArtifactStore, study: optuna.Study, trial: FrozenTrial) -> bytes | None:
-    """The weights `keep_weights` stored for a trial (the last, if more), or None."""
-    stored = [m for m in get_all_artifact_meta(trial, storage=study._storage) if m.filename == WEIGHTS_FILE]
-    return artifacts.open_reader(stored[-1].artifact_id).read() if stored else None
+    """The weights `keep_weights` stored for this very trial, or None.
+
+    The artifact its Attr.WEIGHTS names, when that record carries this trial's number. A trial
+    stored before that record: its last weights link that no earlier attempt of it (a dead worker's,
+    whose links Optuna's retry copied) also holds."""
+    links = [
+        m.artifact_id
+        for m in get_all_artifact_meta(trial, storage=study._storage)
+        if m.filename == WEIGHTS_FILE
+    ]
+    record = trial.user_attrs.get(Attr.WEIGHTS)
+    if isinstance(record, dict) and record.get("trial") == trial.number:
+        return artifacts.open_reader(record["artifact"]).read() if record.get("artifact") in links else None
+    attempts = set(trial.system_attrs.get("retry_history", []))
+    inherited = {
+        key.removeprefix(ARTIFACT_LINK)
+        for earlier in study.get_trials(deepcopy=False)
+        if earlier.number in attempts
+        for key in earlier.system_attrs
+        if key.startswith(ARTIFACT_LINK)
+    }
+    own = [link for link in links if link not in inherited]
+    return artifacts.open_reader(own[-1]).read() if own else None
 
 
 class Gate:

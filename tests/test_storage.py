@@ -446,3 +446,33 @@ def test_a_stopped_holder_of_the_sqlite_gate_stalls_the_others_only_up_to_the_bo
 
 def test_a_stopped_holder_of_the_postgresql_gate_stalls_the_others_only_up_to_the_bound(postgres_url):
     _gate_is_bounded(postgres_url)
+
+
+def test_a_retried_trial_keeps_none_of_the_dead_attempts_records_and_scores_its_own_weights(tmp_path):
+    """Optuna's retry copies the dead attempt's user attributes and artifact links; the weights a
+    study scores must be provably the retry's own."""
+    import torch
+
+    rdb = storage.open_storage(f"sqlite:///{tmp_path}/s.db", heartbeat_interval=1, grace_period=1)
+    artifacts = storage.DatabaseArtifactStore(rdb)
+    study = optuna.create_study(study_name="retried", storage=rdb, direction="maximize")
+    storage.join(rdb, "retried")
+    dead = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    storage.keep_weights(artifacts, dead, {"w": torch.tensor([1.0])})  # then its worker dies
+    dead.set_user_attr(storage.Attr.HISTORY, [{"epoch": 1}])
+    time.sleep(1.5)
+    storage.fail_heartbeatless_trials(study)
+    retry = study.ask()
+    started = study.trials[retry.number]
+    assert started.system_attrs["failed_trial"] == dead.number and started.params == dead.params
+    assert started.user_attrs == {} and not any(k.startswith("artifacts:") for k in started.system_attrs)
+    storage.keep_weights(artifacts, retry, {"w": torch.tensor([2.0])})
+    study.tell(retry, 0.5)
+    body = storage.kept_weights(artifacts, study, study.trials[retry.number])
+    assert torch.load(io.BytesIO(body), weights_only=True)["w"].item() == 2.0
+    # a record that names another trial (copied from an attempt) is not this trial's weights
+    other = study.trials[retry.number]
+    other.user_attrs[storage.Attr.WEIGHTS] = {"trial": dead.number, "artifact": "x"}
+    assert (
+        torch.load(io.BytesIO(storage.kept_weights(artifacts, study, other)), weights_only=True)["w"] == 2.0
+    )
