@@ -226,16 +226,48 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return kwargs
 
 
-def open_storage(
-    url: str, heartbeat_interval: int | None = None, grace_period: int | None = None
-) -> RDBStorage:
+class Storage(RDBStorage):
+    """Optuna's RDB storage, whose heartbeat outlives a failed write.
+
+    Optuna's heartbeat thread ends for good at its first exception, and `quiet_background_faults`
+    keeps that quiet, so one dropped connection would leave a live trial to be failed as stale. Here
+    a failed write is remembered (`heartbeat_trouble`) and the next beat, an interval later, tries again.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._heartbeat_faults: dict[int, tuple[float, str]] = {}  # trial id -> (since, error)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as error:
+            if not is_fault(error):
+                raise
+            since = self._heartbeat_faults.get(trial_id, (time.monotonic(), ""))[0]
+            self._heartbeat_faults[trial_id] = (since, _root_message(error).splitlines()[0])
+        else:
+            self._heartbeat_faults.pop(trial_id, None)
+
+    def heartbeat_trouble(self, trial_id: int) -> str | None:
+        """Why this trial's heartbeat has not been written lately, or None while it beats."""
+        if trial_id not in self._heartbeat_faults:
+            return None
+        since, error = self._heartbeat_faults[trial_id]
+        return (
+            f"its heartbeat could not be written for {time.monotonic() - since:.0f} s ({error}); past "
+            f"{self.grace_period} s another worker may fail it and run it again"
+        )
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> Storage:
     """RDB storage with a heartbeat: a trial whose process died is failed, then retried up to 3 times."""
     check_url(url)
     retry = RetryAfresh(max_retry=3) if heartbeat_interval else None
     try:
         for attempt in range(3):
             try:
-                return RDBStorage(
+                return Storage(
                     url,
                     engine_kwargs=_engine_kwargs(url),
                     heartbeat_interval=heartbeat_interval,

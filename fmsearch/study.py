@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import os
+import sys
 import time
 import traceback
 import warnings
@@ -226,10 +227,19 @@ class Objective:
         # The pruner judges a pseudo-label trial only after its labeled-only warm-up plus the pruner's own.
         warmup = semi.warmup_epochs(config)
 
+        backend = getattr(trial.study._storage, "_backend", trial.study._storage)
+        warned: list[str] = []
+
         def report_and_prune(epoch: int, metrics: dict) -> str | None:
             history.append(metrics)
             trial.report(metrics[self.spec.metric], epoch)
             trial.set_user_attr(Attr.HISTORY, history)  # written every epoch: a crash keeps the curve
+            trouble = (
+                backend.heartbeat_trouble(trial._trial_id) if isinstance(backend, storage.Storage) else None
+            )
+            if trouble and not warned:  # once a trial: the storage answered again just now
+                warned.append(trouble)
+                print(f"warning: {self.study_name} #{trial.number}: {trouble}", file=sys.stderr)
             progress.epoch_end(metrics)
             judged = epoch - warmup >= self.spec.pruner.warmup_epochs
             return PRUNED if judged and trial.should_prune() else None

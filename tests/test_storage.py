@@ -476,3 +476,28 @@ def test_a_retried_trial_keeps_none_of_the_dead_attempts_records_and_scores_its_
     assert (
         torch.load(io.BytesIO(storage.kept_weights(artifacts, study, other)), weights_only=True)["w"] == 2.0
     )
+
+
+def test_a_failed_heartbeat_write_is_reported_and_the_heartbeat_goes_on(tmp_path):
+    """Optuna's heartbeat thread ends at its first failed write, leaving a live trial to be failed as
+    stale by another worker. Here the database is locked past the busy timeout for one beat."""
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    rdb = storage.Storage(
+        url, engine_kwargs={"connect_args": {"timeout": 0.2}}, heartbeat_interval=1, grace_period=4
+    )
+    study = optuna.create_study(study_name="beats", storage=rdb)
+    trial = study.ask()
+    beats = HeartbeatThread(trial._trial_id, rdb)
+    beats.start()
+    time.sleep(0.5)
+    lock = sqlite3.connect(tmp_path / "s.db")
+    lock.execute("BEGIN EXCLUSIVE")
+    time.sleep(2.5)
+    trouble = rdb.heartbeat_trouble(trial._trial_id)
+    assert trouble and "database is locked" in trouble, trouble
+    lock.rollback()
+    time.sleep(1.5)
+    assert beats._thread.is_alive() and rdb.heartbeat_trouble(trial._trial_id) is None
+    beats.join()
