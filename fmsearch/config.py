@@ -15,6 +15,11 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "step", "cosine")
 UNLABELED = ("skip", "pseudo", "distill", "vat")
 MONITORS = ("val_loss", "val_accuracy")
+# The meaning of training: raise it with any change to the code that makes the same TrainConfig learn
+# something else (an objective's arithmetic, the teacher recipe, augmentation, the split). A study's
+# fingerprint records it, so trials of two versions never mix; the teachers' cache key includes it.
+#   1 (2026-12-03): the first recorded; studies made before it cannot prove which they ran.
+TRAINING_VERSION = 1
 # How a run executes, never what it learns: chosen per machine by speed.choose unless set.
 SETTINGS = ("amp", "channels_last", "compile", "eval_batch_size", "threads")
 SWITCHES = ("amp", "channels_last", "compile")  # the on/off SETTINGS; `make bench` forces each alone

@@ -17,8 +17,9 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
 from fmsearch import data
+from fmsearch.config import SETTINGS, TRAINING_VERSION
 from fmsearch.errors import StudyError
-from fmsearch.spec import StudySpec
+from fmsearch.spec import PARAMETERS, Categorical, StudySpec
 from fmsearch.storage import Attr, mask, study_name_parts
 from fmsearch.storage import study_name as storage_study_name
 
@@ -47,8 +48,32 @@ def fingerprint(spec: StudySpec, condition: dict[str, Any], config: data.DataCon
             "val_size": config.val_size,
             "split_seed": config.split_seed,
         },
+        "training": TRAINING_VERSION,
+        "defaults": defaults(spec, condition),
     }
     return json.loads(json.dumps(record))  # tuples -> lists, as the storage gives them back
+
+
+def defaults(spec: StudySpec, condition: dict[str, Any]) -> dict[str, Any]:
+    """The code's defaults that decide a condition's results: every training parameter the study file
+    leaves to TrainConfig and that some trial of it may read (vat's only where vat may run). How a run
+    executes (config.SETTINGS) is left out: chosen per machine, it moves speed, not accuracy."""
+    given = {**spec.fixed, **condition}
+    objectives = {given["unlabeled"]} if "unlabeled" in given else {PARAMETERS["unlabeled"].default}
+    if isinstance(spec.space.get("unlabeled"), Categorical):
+        objectives |= set(spec.space["unlabeled"].choices)
+    return {
+        name: declared.default
+        for name, declared in PARAMETERS.items()
+        if name not in given and name not in spec.space and name not in SETTINGS and name != "monitor"
+        if not declared.objectives or objectives & set(declared.objectives)
+    }
+
+
+UNPROVEN = (
+    f"training: not recorded (the study predates versioned training), so its trials cannot be shown to "
+    f"have trained as version {TRAINING_VERSION} does, nor with today's defaults"
+)
 
 
 def fingerprint_changes(old: Any, new: Any, key: str = "") -> list[str]:
@@ -154,6 +179,8 @@ def settle_changes(
             continue
         old = study.user_attrs.get(Attr.FINGERPRINT)
         changes = fingerprint_changes(old, new) if old is not None else legacy_changes(study, new)
+        if old is None or "training" not in old:
+            changes = [UNPROVEN] + [c for c in changes if not c.startswith(("training", "defaults"))]
         if changes:
             changed[name] = (study, changes)
     if changed and not archive_changed:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fmsearch.config import TRAINING_VERSION
 from fmsearch.data import Splits
 from fmsearch.engine import TrainConfig, fit, logits_of, score_by_monitor
 from fmsearch.files import write_atomic, write_json
@@ -64,7 +65,8 @@ def cache_key(teacher: TrainConfig, splits: Splits, subset: LabeledSubset) -> st
     """
     data = f"{splits.digest}-{_digest(subset.targets)}"
     config = {k: v for k, v in asdict(teacher).items() if k not in SETTINGS}
-    text = json.dumps({"config": config, "data": data, "version": CACHE_VERSION}, sort_keys=True)
+    versions = {"version": CACHE_VERSION, "training": TRAINING_VERSION}
+    text = json.dumps({"config": config, "data": data, **versions}, sort_keys=True)
     return f"{teacher.arch}-seed{teacher.seed}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 

@@ -1,5 +1,6 @@
 """lineage.py: a study file's change is named and refused, or archived; raising trials is no change."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -7,8 +8,8 @@ import optuna
 import pytest
 from optuna.artifacts import get_all_artifact_meta
 
-from fmsearch import lineage, storage
-from tests.conftest import SPACE, run_tiny_study, study_text
+from fmsearch import lineage, spec, storage
+from tests.conftest import SPACE, run_tiny_study, study_text, write_study
 
 
 def test_changes_are_named_key_by_key_down_to_the_leaf():
@@ -84,6 +85,41 @@ def test_a_changed_study_file_is_refused_before_training_and_names_the_change(
     assert "--archive-changed" in message and "new name" in message
     assert _snapshot(url) == before  # nothing trained, nothing overwritten
     assert not (folder / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "edit,changed",
+    [
+        (lambda fp: fp["defaults"].update(weight_decay=1e-4), "defaults.weight_decay: 0.0001 -> 0.0"),
+        (lambda fp: fp.update(training=0), "training: 0 -> 1"),
+        (lambda fp: [fp.pop("training"), fp.pop("defaults")], "training: not recorded"),
+    ],
+    ids=["a-code-default-moved", "older-training-version", "before-versions"],
+)
+def test_trials_run_by_other_code_are_refused_even_with_the_same_study_file(
+    finished_study, tmp_path, tiny, edit, changed
+):
+    """The stored fingerprint as code with another default, another training version, or from before
+    versions would have written it: the unchanged study file must not add trials to it."""
+    folder = _copy_of(finished_study, tmp_path)
+    url = f"sqlite:///{folder}/studies.db"
+    study = optuna.load_study(study_name=SNAPSHOT, storage=url)
+    recorded = study.user_attrs["fingerprint"]
+    edit(recorded)
+    study.set_user_attr("fingerprint", recorded)
+    with pytest.raises(lineage.StudyChanged, match=re.escape(changed)):
+        run_tiny_study(folder, tiny, study_text(trials=3, max_epochs=1), name="fp")
+    assert len(trials_of(url, SNAPSHOT)) == 2
+
+
+def test_the_fingerprint_holds_the_defaults_a_condition_may_read_but_no_execution_setting(tmp_path):
+    text = study_text(trials=2, max_epochs=1)
+    semi_text = text.replace("labeled_fraction = [1.0]", "labeled_fraction = [0.5]\nunlabeled = ['vat']")
+    for body, vat in ((text, False), (semi_text, True)):
+        parsed = spec.parse(write_study(tmp_path, body, name="defaults"))
+        recorded = lineage.defaults(parsed, parsed.condition_list()[-1])
+        assert ("vat_eps" in recorded) == vat and "weight_decay" in recorded
+        assert not set(recorded) & {"amp", "channels_last", "compile", "eval_batch_size", "threads"}
 
 
 def test_the_epochs_flag_counts_as_a_change_of_max_epochs(finished_study, tmp_path, tiny):
