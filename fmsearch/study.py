@@ -217,6 +217,22 @@ class Objective:
         trial.set_user_attr(Attr.ERROR, reason)
         return TrialCrashed(reason)
 
+    def _heartbeat_watch(self, trial: optuna.Trial) -> Callable[[], None]:
+        """A check for each epoch's end: warn once if the trial's heartbeat could not be written lately
+        (storage.Storage keeps beating; past the grace, another worker may take the trial)."""
+        backend = getattr(trial.study._storage, "_backend", trial.study._storage)
+        warned = []
+
+        def check() -> None:
+            trouble = (
+                backend.heartbeat_trouble(trial._trial_id) if isinstance(backend, storage.Storage) else None
+            )
+            if trouble and not warned:
+                warned.append(trouble)
+                print(f"warning: {self.study_name} #{trial.number}: {trouble}", file=sys.stderr)
+
+        return check
+
     def _train(self, trial: optuna.Trial) -> float:
         config = suggest(trial, self.spec, self.condition, self.spec.max_epochs)
         for key, value in {**self.meta, Attr.CONFIG: asdict(config)}.items():
@@ -227,19 +243,13 @@ class Objective:
         # The pruner judges a pseudo-label trial only after its labeled-only warm-up plus the pruner's own.
         warmup = semi.warmup_epochs(config)
 
-        backend = getattr(trial.study._storage, "_backend", trial.study._storage)
-        warned: list[str] = []
+        check_heartbeat = self._heartbeat_watch(trial)
 
         def report_and_prune(epoch: int, metrics: dict) -> str | None:
             history.append(metrics)
             trial.report(metrics[self.spec.metric], epoch)
             trial.set_user_attr(Attr.HISTORY, history)  # written every epoch: a crash keeps the curve
-            trouble = (
-                backend.heartbeat_trouble(trial._trial_id) if isinstance(backend, storage.Storage) else None
-            )
-            if trouble and not warned:  # once a trial: the storage answered again just now
-                warned.append(trouble)
-                print(f"warning: {self.study_name} #{trial.number}: {trouble}", file=sys.stderr)
+            check_heartbeat()
             progress.epoch_end(metrics)
             judged = epoch - warmup >= self.spec.pruner.warmup_epochs
             return PRUNED if judged and trial.should_prune() else None
