@@ -89,6 +89,9 @@ class ConsoleReporter:
     def trial_progress(self, study_name: str, number: int, max_epochs: int) -> EpochBar:
         return EpochBar(f"{study_name} #{number}", max_epochs, position=self.worker)
 
+    def warn(self, line: str) -> None:
+        tqdm.write(f"warning: {line}", file=sys.stderr)
+
     def trial_end(self, outcome) -> None:
         value = "-" if outcome.value is None else f"{outcome.value:.4f}"
         params = ", ".join(

@@ -57,7 +57,7 @@ class Attr:
     BATCH_SIZE = "batch_size"
     ARCHIVED_FROM = "archived_from"
     WORKERS_JOINED = "workers_joined"  # how many workers, on every machine, have joined it
-    GRACE_SECONDS = "grace_seconds"  # silence before any worker fails a trial as dead: the first joiner's
+    HEARTBEAT = "heartbeat"  # {"interval", "grace"} in seconds, for every worker: the first joiner's
     TEST = "test"  # the best trial's test-set score
     # on each trial
     CONFIG = "config"
@@ -620,24 +620,17 @@ def join(rdb: RDBStorage, name: str) -> int:
     1000 times its place among every worker that ever joined, on any machine (counted under the gate),
     plus the trials before it. Machines started together would otherwise all draw the same points.
 
-    The study's grace period is the first worker's (its --heartbeat x 4), recorded once and used by
-    every later worker, so that a worker started with another --heartbeat never fails a live trial
-    early; a worker whose heartbeat is too slow for the recorded grace is refused in one line."""
+    The heartbeat interval and grace period are the study's, set by its first worker (--heartbeat, and
+    4 times that) and taken by every later one, so that a worker started with another --heartbeat
+    never fails a live trial early, nor has its own failed."""
     study = optuna.load_study(study_name=name, storage=rdb)
     with Gate(rdb, name):
-        grace = study.user_attrs.get(Attr.GRACE_SECONDS)
-        heartbeat = rdb.get_heartbeat_interval()
-        if heartbeat is not None:
-            if grace is None:
-                grace = rdb.grace_period or 2 * heartbeat
-                study.set_user_attr(Attr.GRACE_SECONDS, grace)
-            elif 2 * heartbeat > grace:
-                raise StorageError(
-                    f"--heartbeat {heartbeat} is too slow for study {name!r}: its trials count as dead "
-                    f"after {grace} s without a heartbeat (set when its first worker joined); use "
-                    f"--heartbeat {max(1, grace // 4)}"
-                )
-            rdb.grace_period = grace  # Optuna's stale check reads it for every trial of the study
+        if rdb.get_heartbeat_interval() is not None:
+            beat = study.user_attrs.get(Attr.HEARTBEAT)
+            if beat is None:
+                beat = {"interval": rdb.heartbeat_interval, "grace": rdb.grace_period}
+                study.set_user_attr(Attr.HEARTBEAT, beat)
+            rdb.heartbeat_interval, rdb.grace_period = beat["interval"], beat["grace"]
         joined = study.user_attrs.get(Attr.WORKERS_JOINED, 0)
         study.set_user_attr(Attr.WORKERS_JOINED, joined + 1)
         return 1000 * joined + len(study.get_trials(deepcopy=False))

@@ -12,7 +12,6 @@ import functools
 import io
 import json
 import os
-import sys
 import time
 import traceback
 import warnings
@@ -87,6 +86,7 @@ class Reporter(Protocol):
 
     def trial_progress(self, study_name: str, number: int, max_epochs: int) -> TrialProgress: ...
     def trial_end(self, outcome: TrialOutcome) -> None: ...
+    def warn(self, line: str) -> None: ...  # a problem the run goes on through
 
 
 def quiet_optuna() -> None:
@@ -229,7 +229,7 @@ class Objective:
             )
             if trouble and not warned:
                 warned.append(trouble)
-                print(f"warning: {self.study_name} #{trial.number}: {trouble}", file=sys.stderr)
+                self.reporter.warn(f"{self.study_name} #{trial.number}: {trouble}")
 
         return check
 

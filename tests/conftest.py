@@ -156,12 +156,16 @@ class QuietReporter:
 
     def __init__(self, worker: int = 0):
         self.ended = []
+        self.warnings = []
 
     def trial_progress(self, study_name: str, number: int, max_epochs: int) -> QuietProgress:
         return QuietProgress()
 
     def trial_end(self, outcome) -> None:
         self.ended.append(outcome)
+
+    def warn(self, line: str) -> None:
+        self.warnings.append(line)
 
 
 TINY_STUDY = """

@@ -224,15 +224,13 @@ def test_a_sampler_seed_near_the_32_bit_limit_still_seeds_every_worker(tmp_path)
         optuna.create_study(sampler=sampler).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
 
 
-def test_each_worker_that_joins_a_study_gets_its_own_sampler_seed_and_the_studys_grace(tmp_path):
+def test_each_worker_that_joins_a_study_gets_its_own_sampler_seed_and_the_studys_heartbeat(tmp_path):
     """Workers on machines started together have the same local index and see the same trials. The
-    first to join sets the grace period for all: a later worker's own --heartbeat never shortens it."""
+    first to join sets the heartbeat and grace for all: a later --heartbeat never shortens the grace
+    of another's trials, nor lengthens its own beat past it."""
     url = f"sqlite:///{tmp_path}/s.db"
     optuna.create_study(study_name="seeds", storage=url, direction="maximize")
     workers = [storage.open_storage(url, heartbeat, 4 * heartbeat) for heartbeat in (5, 1, 11)]
-    offsets = [storage.join(rdb, "seeds") for rdb in workers[:2]]
-    assert offsets == [0, 1000]
-    assert [rdb.grace_period for rdb in workers[:2]] == [20, 20]
-    with pytest.raises(storage.StorageError, match=r"--heartbeat 11 is too slow .* use --heartbeat 5$"):
-        storage.join(workers[2], "seeds")
-    assert storage.join(storage.open_storage(url), "seeds") == 2000  # no heartbeat: nothing to check
+    assert [storage.join(rdb, "seeds") for rdb in workers] == [0, 1000, 2000]
+    assert [(rdb.get_heartbeat_interval(), rdb.grace_period) for rdb in workers] == [(5, 20)] * 3
+    assert storage.join(storage.open_storage(url), "seeds") == 3000  # no heartbeat: nothing to take
