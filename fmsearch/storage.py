@@ -20,6 +20,7 @@ import re
 import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -634,6 +635,23 @@ def join(rdb: RDBStorage, name: str) -> int:
         joined = study.user_attrs.get(Attr.WORKERS_JOINED, 0)
         study.set_user_attr(Attr.WORKERS_JOINED, joined + 1)
         return 1000 * joined + len(study.get_trials(deepcopy=False))
+
+
+def keep_traceback(results_dir: Path, name: str, number: int, error: BaseException) -> str:
+    """Write a crashed trial's traceback to its log (trial_log_path); ' (traceback in PATH)' to add
+    to its one-line reason, or why there is none."""
+    log = trial_log_path(results_dir, name, number)
+    try:
+        files.write_atomic(log, lambda path: path.write_text("".join(traceback.format_exception(error))))
+    except OSError:
+        return " (its traceback could not be written under results/)"
+    return f" (traceback in {log})"
+
+
+def heartbeat_trouble(trial: optuna.Trial) -> str | None:
+    """Why a running trial's heartbeat has not been written lately (see Storage), or None."""
+    backend = getattr(trial.study._storage, "_backend", trial.study._storage)
+    return backend.heartbeat_trouble(trial._trial_id) if isinstance(backend, Storage) else None
 
 
 def keep_best_weights(body: bytes, path: Path) -> None:

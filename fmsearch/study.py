@@ -13,7 +13,6 @@ import io
 import json
 import os
 import time
-import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import torch
 from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from fmsearch import data, engine, files, runner, semi, speed, storage, workers
+from fmsearch import data, engine, runner, semi, speed, storage, workers
 from fmsearch.errors import StudyError
 from fmsearch.lineage import fingerprint, settle_changes
 from fmsearch.models import build_model
@@ -176,6 +175,7 @@ class Objective:
     study_name: str
     artifacts: storage.DatabaseArtifactStore
     running: int | None = None  # the number of the trial this worker runs now
+    warned: set[int] = field(default_factory=set)  # trials whose heartbeat trouble was reported
 
     def __post_init__(self) -> None:
         # Workers on one CPU split its cores; a thread count the study file fixes is kept.
@@ -207,31 +207,10 @@ class Objective:
     def _crashed(self, trial: optuna.Trial, error: Exception) -> TrialCrashed:
         """Record a trial's unexpected error: its one-line reason on the trial, its traceback in a log."""
         reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
-        log = storage.trial_log_path(self.options.results_dir, self.study_name, trial.number)
-        try:
-            files.write_atomic(log, lambda path: path.write_text("".join(traceback.format_exception(error))))
-            reason += f" (traceback in {log})"
-        except OSError:
-            reason += " (its traceback could not be written under results/)"
+        reason += storage.keep_traceback(self.options.results_dir, self.study_name, trial.number, error)
         trial.set_user_attr(Attr.STOP_REASON, CRASHED)
         trial.set_user_attr(Attr.ERROR, reason)
         return TrialCrashed(reason)
-
-    def _heartbeat_watch(self, trial: optuna.Trial) -> Callable[[], None]:
-        """A check for each epoch's end: warn once if the trial's heartbeat could not be written lately
-        (storage.Storage keeps beating; past the grace, another worker may take the trial)."""
-        backend = getattr(trial.study._storage, "_backend", trial.study._storage)
-        warned = []
-
-        def check() -> None:
-            trouble = (
-                backend.heartbeat_trouble(trial._trial_id) if isinstance(backend, storage.Storage) else None
-            )
-            if trouble and not warned:
-                warned.append(trouble)
-                self.reporter.warn(f"{self.study_name} #{trial.number}: {trouble}")
-
-        return check
 
     def _train(self, trial: optuna.Trial) -> float:
         config = suggest(trial, self.spec, self.condition, self.spec.max_epochs)
@@ -243,13 +222,14 @@ class Objective:
         # The pruner judges a pseudo-label trial only after its labeled-only warm-up plus the pruner's own.
         warmup = semi.warmup_epochs(config)
 
-        check_heartbeat = self._heartbeat_watch(trial)
-
         def report_and_prune(epoch: int, metrics: dict) -> str | None:
             history.append(metrics)
             trial.report(metrics[self.spec.metric], epoch)
             trial.set_user_attr(Attr.HISTORY, history)  # written every epoch: a crash keeps the curve
-            check_heartbeat()
+            trouble = storage.heartbeat_trouble(trial)  # said once a trial: it keeps beating
+            if trouble and trial.number not in self.warned:
+                self.warned.add(trial.number)
+                self.reporter.warn(f"{self.study_name} #{trial.number}: {trouble}")
             progress.epoch_end(metrics)
             judged = epoch - warmup >= self.spec.pruner.warmup_epochs
             return PRUNED if judged and trial.should_prune() else None
