@@ -96,11 +96,6 @@ def write_tiny_fashion_mnist(
     return TinyData(root, checksums)
 
 
-def pytest_collection_modifyitems(config, items):
-    """The long tests first: handed out last, one of them kept a worker busy while the other idled."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
-
-
 def pytest_configure(config):
     """Time this machine's speed settings once, before any worker starts and any test counts
     optimizer steps; pytest-xdist's workers (which carry `workerinput`) read the file it writes."""

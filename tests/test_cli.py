@@ -90,7 +90,6 @@ def test_train_prints_the_epoch_table_and_the_test_score(tmp_path):
     assert (tmp_path / "run.json").exists()
 
 
-@pytest.mark.long
 @needs_real_data
 def test_the_same_train_command_and_seed_give_the_same_numbers(tmp_path):
     """The speed settings are chosen once per machine and kept, so a rerun repeats every number."""
@@ -127,7 +126,6 @@ def test_train_passes_the_semi_label_flags_through(tmp_path):
     assert "mask_rate" in saved["history"][0]
 
 
-@pytest.mark.long
 @needs_real_data
 @pytest.mark.slow
 def test_a_short_study_on_real_data_runs_reports_and_resumes(tmp_path):
@@ -242,7 +240,6 @@ AS_A_FOREGROUND_JOB = (
 )
 
 
-@pytest.mark.long
 @needs_real_data
 @pytest.mark.slow
 @pytest.mark.parametrize(

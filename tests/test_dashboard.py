@@ -100,7 +100,6 @@ def render(url: str, profile: Path, *extra: str, until: str = "", tries: int = 4
     return page
 
 
-@pytest.mark.long
 def test_dashboard_lists_the_studies_and_shows_a_study_with_its_trials(dashboard, tmp_path):
     url, storage, _ = dashboard
     listing = visible_text(render(f"{url}/dashboard", tmp_path / "p1", "--dump-dom", until="tiny/labels=50%"))

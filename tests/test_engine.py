@@ -225,7 +225,6 @@ def test_channels_last_runs_on_the_cpu(tiny_splits):
     assert result.best["val_accuracy"] > 0.3
 
 
-@pytest.mark.long
 @pytest.mark.slow  # compiling takes 30-50 s on 2 CPU cores
 def test_torch_compile_runs_on_the_cpu(tiny_splits):
     from torch._dynamo.utils import counters  # torch's own count of the graphs it compiled

@@ -23,7 +23,6 @@ def _comparable(record: dict) -> dict:
     return kept
 
 
-@pytest.mark.long
 @needs_real_data
 def test_the_train_command_repeats_a_study_trial_record_for_record(tmp_path, tiny):
     fixed = "optimizer = 'adam'\nlr = 0.002\ndropout = 0.1\nseed = 3"

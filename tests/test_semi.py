@@ -304,7 +304,6 @@ def skip_accuracy(textures, tmp_path_factory) -> float:
     return small_task_accuracy(textures, tmp_path_factory.mktemp("skip"))
 
 
-@pytest.mark.long
 @pytest.mark.xdist_group("small-task")
 def test_pseudo_labels_beat_skipping_on_a_small_learnable_task(textures, tmp_path, skip_accuracy):
     """After 6 labeled-only epochs, pseudo-labels must add 3 points (measured: 0.765 against 0.717).
@@ -316,7 +315,6 @@ def test_pseudo_labels_beat_skipping_on_a_small_learnable_task(textures, tmp_pat
     assert pseudo > skip_accuracy + 0.03, (pseudo, skip_accuracy)
 
 
-@pytest.mark.long
 @pytest.mark.xdist_group("small-task")
 def test_distillation_beats_skipping_on_a_small_learnable_task(textures, tmp_path, skip_accuracy):
     """A student of three labels-only teachers must add 5 points.
@@ -327,7 +325,6 @@ def test_distillation_beats_skipping_on_a_small_learnable_task(textures, tmp_pat
     assert distill > skip_accuracy + 0.05, (distill, skip_accuracy)
 
 
-@pytest.mark.long
 @pytest.mark.xdist_group("small-task")
 def test_vat_beats_skipping_on_a_small_learnable_task(textures, tmp_path, skip_accuracy):
     """Virtual adversarial training must add 2 points.

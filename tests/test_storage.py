@@ -70,7 +70,6 @@ def test_the_artifact_store_keeps_a_weights_sized_blob_in_postgresql(postgres_ur
         store.open_reader("weights")
 
 
-@pytest.mark.long
 @needs_real_data
 @pytest.mark.slow
 def test_three_worker_commands_on_postgresql_end_at_exactly_n_even_after_a_kill_9(
@@ -316,7 +315,6 @@ def _with_file_size_limit(limit: int, code: str) -> list[str]:
     return [sys.executable, "-c", limit_code + code]
 
 
-@pytest.mark.long
 def test_a_full_disk_while_writing_figures_is_one_line_and_keeps_the_last_report(small_study, tmp_path):
     _, url = copy_storage(small_study, tmp_path)
     first = fmsearch("report", "kept", "--storage", url, cwd=tmp_path, env=os.environ)
@@ -377,7 +375,6 @@ def test_a_full_disk_while_saving_weights_stops_with_one_line_and_loses_no_finis
     assert [t.state for t in fresh] == [TrialState.FAIL]  # marked at once, not left RUNNING
 
 
-@pytest.mark.long
 @needs_real_data
 @pytest.mark.slow
 def test_postgresql_going_away_mid_study_is_one_line_and_a_rerun_finishes(

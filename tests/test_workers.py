@@ -50,7 +50,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.long
 @pytest.mark.slow
 def test_a_study_killed_mid_trial_then_rerun_ends_with_exactly_n_per_condition(tmp_path):
     text = study_text(trials=3, max_epochs=12)
@@ -93,7 +92,6 @@ def test_a_study_killed_mid_trial_then_rerun_ends_with_exactly_n_per_condition(t
     assert {t.number for t in stale} <= retried
 
 
-@pytest.mark.long
 @pytest.mark.slow
 def test_two_worker_processes_lose_nothing_and_duplicate_nothing(tmp_path, tiny):
     run = run_tiny_study(tmp_path, tiny, study_text(trials=6), name="pair", jobs=2)
@@ -103,7 +101,6 @@ def test_two_worker_processes_lose_nothing_and_duplicate_nothing(tmp_path, tiny)
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
 
 
-@pytest.mark.long
 def test_parallel_workers_run_on_a_storage_created_before_they_start(tmp_path, tiny):
     """study.run creates the schema and the studies itself: its workers only ever load them."""
     text = study_text(trials=1, max_epochs=1)
@@ -170,7 +167,6 @@ def test_a_worker_whose_trial_was_failed_as_stale_says_so_in_one_line_and_goes_o
     assert trials[0].state == TrialState.FAIL and sum(storage.is_finished(t) for t in trials) == 2
 
 
-@pytest.mark.long
 def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path, tiny):
     """`ask()` creates a RUNNING trial and starts no heartbeat: a worker killed in that window leaves
     such a trial, which Optuna's stale check never fails. A rerun must not wait for it for ever."""
