@@ -1,0 +1,164 @@
+"""The semi-label protocol: real data, 5,000 labels (10% of the 50,000-image pool, stratified), both
+CNNs, seeds 0-2, test accuracy of the weights chosen on validation, gains paired by seed against the
+labels-only control (teacher 0, the same recipe on the labeled images alone).
+
+    .venv/bin/python results/unlabeled/protocol.py VARIANT [ARCH ...]
+
+Each run is one `fmsearch train` command; its --json record and the control's per-class recall (from
+the teacher cache) go into runs.json beside this file as soon as it ends, and a rerun skips the runs
+that file holds, so the protocol can be cut off and resumed. `table` prints the summary table.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+RUNS = HERE / "runs.json"
+HARD = {0: "T-shirt", 2: "pullover", 4: "coat", 6: "shirt"}
+PROTOCOL = ["--labeled-fraction", "0.1", "--schedule", "cosine"]
+# Each variant: the flags beyond the protocol's, per architecture (plain's teachers train on flips).
+VARIANTS = {
+    "distill-5x30": {
+        arch: [
+            "--unlabeled",
+            "distill",
+            "--teachers",
+            "5",
+            "--teacher-epochs",
+            "30",
+            "--epochs",
+            "20",
+            "--patience",
+            "20",
+            *(["--augment"] if arch == "plain" else []),
+        ]
+        for arch in ("plain", "adaptive")
+    },
+}
+
+
+def load() -> list[dict]:
+    return json.loads(RUNS.read_text()) if RUNS.exists() else []
+
+
+def save(runs: list[dict]) -> None:
+    partial = RUNS.with_suffix(".partial")
+    partial.write_text(json.dumps(runs, indent=1))
+    os.replace(partial, RUNS)
+
+
+def control_recall(arch: str, seed: int, teacher_epochs: int) -> list[float] | None:
+    """Per-class test recall of teacher 0 (the labels-only control), from the teacher cache."""
+    from fmsearch import data
+
+    labels = data.load_splits(data.DataConfig(), torch.device("cpu")).test_labels
+    for record_path in sorted((REPO / "results" / "teachers").glob(f"{arch}-seed{seed}-*.json")):
+        record = json.loads(record_path.read_text())
+        config = record.get("config", {})
+        if config.get("labeled_fraction") == 0.1 and config.get("epochs") == teacher_epochs:
+            logits = torch.load(record_path.with_name(record_path.stem + "-logits.pt"), weights_only=True)
+            predicted = logits["test"][0].argmax(1)
+            return [float((predicted[labels == c] == c).float().mean()) for c in range(10)]
+    return None
+
+
+def teacher_epochs(variant: str, arch: str) -> int:
+    flags = VARIANTS[variant][arch]
+    return int(flags[flags.index("--teacher-epochs") + 1]) if "--teacher-epochs" in flags else 30
+
+
+def run(variant: str, arch: str, seed: int) -> dict:
+    out = HERE / f".{variant}-{arch}-s{seed}.json"
+    command = ["fmsearch", "train", "--arch", arch, "--seed", str(seed), *PROTOCOL, *VARIANTS[variant][arch]]
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "fmsearch.cli", *command[1:], "--json", str(out)],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    record = json.loads(out.read_text())
+    team = record.get("teacher_team") or {}
+    members = team.get("members") or []
+    return {
+        "variant": variant,
+        "arch": arch,
+        "seed": seed,
+        "command": " ".join(command),
+        "control": members[0]["test_accuracy"] if members else None,
+        "control_recall": control_recall(arch, seed, int(team.get("epochs", 0) / max(1, len(members))))
+        if members
+        else None,
+        "ensemble": team.get("test_accuracy"),
+        "student": record["test_accuracy"],
+        "student_recall": record["test_recall"],
+        "best_epoch": record.get("best_epoch"),
+        "seconds": time.monotonic() - started,
+        "teacher_seconds": team.get("seconds"),
+        "execution": record.get("execution"),
+        "git_revision": record.get("git_revision"),
+    }
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+
+def hard_recall_gain(rows: list[dict]) -> str:
+    if not all(r["control_recall"] for r in rows):
+        return "-"
+    gains = {
+        name: 100 * statistics.mean(r["student_recall"][c] - r["control_recall"][c] for r in rows)
+        for c, name in HARD.items()
+    }
+    return ", ".join(f"{name} {gain:+.1f}" for name, gain in gains.items())
+
+
+def table(runs: list[dict]) -> str:
+    lines = [
+        "| variant | arch | n | control | ensemble | student | gain (points) | SE | hard-class recall gain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, arch in sorted({(r["variant"], r["arch"]) for r in runs}):
+        rows = [r for r in runs if (r["variant"], r["arch"]) == (variant, arch)]
+        gains = [100 * (r["student"] - r["control"]) for r in rows if r["control"] is not None]
+        se = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("nan")
+        gain = f"{statistics.mean(gains):+.2f}" if gains else "-"
+        cells = [
+            variant, arch, str(len(rows)), mean_sd([r["control"] for r in rows if r["control"] is not None]),
+            mean_sd([r["ensemble"] for r in rows if r["ensemble"] is not None]),
+            mean_sd([r["student"] for r in rows]), gain, f"{se:.2f}", hard_recall_gain(rows),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["table"]:
+        print(table(load()))
+        sys.exit()
+    variant, archs = sys.argv[1], sys.argv[2:] or ["plain", "adaptive"]
+    for seed in range(3):
+        for arch in archs:
+            runs = load()
+            if any((r["variant"], r["arch"], r["seed"]) == (variant, arch, seed) for r in runs):
+                continue
+            record = run(variant, arch, seed)
+            runs = load() + [record]
+            save(runs)
+            print(
+                f"{variant} {arch} seed {seed}: control {record['control']}, ensemble {record['ensemble']}, "
+                f"student {record['student']}, {record['seconds']:.0f} s",
+                flush=True,
+            )
