@@ -107,7 +107,10 @@ def wait_running(folder: Path, name: str = "f/labels=100%", timeout=120) -> None
 
 
 def row(case: str, done: str, result, checked: str) -> None:
-    line = last_line(result.stderr) or last_line(result.stdout)
+    # what a failed command said last (stderr), or a finished one's last summary line (stdout)
+    line = (last_line(result.stderr) if result.returncode else last_line(result.stdout)) or last_line(
+        result.stderr + result.stdout
+    )
     ROWS.append((case, done, line, result.returncode, checked))
     print(f"{case}: exit {result.returncode}: {line}\n    {checked}", flush=True)
 
@@ -150,12 +153,14 @@ def case_2_paused_worker_and_other_heartbeat():
         f"paused worker said: {taken[0].strip() if taken else 'nothing'}; second exit {second.returncode}; "
         f"finished {finished(folder)} of 3",
     )
+    before = finished(folder)
     slow = run(folder, "study", str(path), "--trials", "4", "--heartbeat", "3")
+    study = optuna.load_study(study_name="f/labels=100%", storage=f"sqlite:///{folder}/results/studies.db")
     row(
         "2 a worker with a slower --heartbeat",
-        "--heartbeat 3 on a study whose grace is 4 s",
+        "--heartbeat 3 --trials 4 on a study made with --heartbeat 1",
         slow,
-        f"finished {finished(folder)} (unchanged)",
+        f"finished {before} -> {finished(folder)}; the study's: {study.user_attrs.get('heartbeat')}",
     )
 
 
@@ -226,10 +231,12 @@ def case_refusals():
         ("11 pool_limit = 5", Path(str(study_file(folder, name="pool"))), []),
         ("12 --trials with nothing searched", study_file(folder, name="flat"), ["--trials", "3"]),
     ]
+    space = "lr = { low = 3e-4, high = 3e-3, log = true }"
+    (folder / "nan.toml").write_text((folder / "nan.toml").read_text().replace(space, "dropout = [0.1, 0.3]"))
     (folder / "pool.toml").write_text(
         (folder / "pool.toml").read_text().replace("pool_limit = 1000", "pool_limit = 5")
     )
-    flat = (folder / "flat.toml").read_text().replace("lr = { low = 3e-4, high = 3e-3, log = true }", "")
+    flat = (folder / "flat.toml").read_text().replace(space, "").replace("trials = 2", "trials = 1")
     (folder / "flat.toml").write_text(flat)
     for case, path, extra in cases:
         result = run(folder, "study", str(path), *extra)
@@ -294,19 +301,25 @@ def case_15_passwords():
 
 
 def case_16_make():
-    result = subprocess.run(
-        ["make", "-n", "study", "STUDY=smoke; echo INJECTED"], cwd=REPO, capture_output=True, text=True
+    """make hands STUDY to the shell quoted: the injected command is part of a study name fmsearch refuses."""
+    study = ["make", "study", "STUDY=smoke; echo INJECTED"]
+    shown = subprocess.run([*study[:1], "-n", *study[1:]], cwd=REPO, capture_output=True, text=True).stdout
+    real = subprocess.run(study, cwd=REPO, capture_output=True, text=True, env=env())
+    said = [line for line in real.stderr.splitlines() if line.startswith("fmsearch")]
+    result = subprocess.CompletedProcess(
+        study, real.returncode, real.stdout, said[-1] if said else real.stderr
     )
-    shown = [line for line in result.stdout.splitlines() if "fmsearch" in line]
-    real = subprocess.run(
-        ["make", "study", "STUDY=smoke; echo INJECTED"], cwd=REPO, capture_output=True, text=True, env=env()
-    )
+    command = [
+        line.strip()
+        for line in shown.splitlines()
+        if "fmsearch.cli study" in line or "fmsearch study" in line
+    ]
     row(
         "16 make STUDY='smoke; echo INJECTED'",
         "make study",
-        real,
+        result,
         f"echo ran: {any(x.strip() == 'INJECTED' for x in real.stdout.splitlines())}; "
-        f"make -n shows: {shown[0][:100] if shown else ''}",
+        f"make -n shows: {command[0][:100] if command else '?'}",
     )
 
 
