@@ -85,8 +85,9 @@ format: $(STAMP) ## ruff format in place
 train: data ## train one configuration: make train ARGS="--arch adaptive --epochs 10"
 	$(BIN)/fmsearch train $(call qw,$(ARGS))
 
-study: data ## run or resume a study, then report: make study STUDY=semi [TRIALS=] [JOBS=]
+study: data ## run or resume a study, confirm its bests on new seeds, then report: make study STUDY=semi [TRIALS=] [JOBS=]
 	$(BIN)/fmsearch study $(call q,$(STUDY)) $(study_flags)
+	$(BIN)/fmsearch confirm $(call q,$(STUDY))
 	$(BIN)/fmsearch report $(call q,$(STUDY))
 
 report: $(STAMP) ## redraw a study's figures and summary.md from the storage: make report STUDY=semi

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from fmsearch import files, storage, workers
 from fmsearch.config import ARCHITECTURE_NAMES, SETTINGS, SWITCHES, TrainConfig
-from fmsearch.errors import UsageError
+from fmsearch.errors import StudyError, UsageError
 
 STUDIES_DIR = Path("studies")
 RESULTS_DIR = Path("results")
@@ -479,6 +479,35 @@ def _add_study_command(sub) -> None:
     p.set_defaults(func=cmd_study)
 
 
+def cmd_confirm(args: argparse.Namespace) -> None:
+    from fmsearch import confirm, engine, spec, study
+
+    workers.catch_termination()
+    study_spec = spec.parse(spec.find(args.name, STUDIES_DIR))
+    options = study.RunOptions(storage=args.storage, device=engine.resolve_device(args.device))
+    study.quiet_optuna()
+    rdb = storage.open_storage(options.storage)
+    missing = [n for n in map(study_spec.study_name, study_spec.condition_list()) if not _has_study(rdb, n)]
+    if missing:
+        raise StudyError(
+            f"study {missing[0]!r} is not in the storage: run `fmsearch study {args.name}` first"
+        )
+    print(f"data: {_ensure_data()}")
+    splits = study.load_splits(study_spec, options)
+    print(
+        f"confirming {study_spec.name}: each condition's best trial on {study_spec.confirm.seeds} new seeds"
+    )
+    for done in confirm.confirm(study_spec, rdb, splits, RESULTS_DIR, log=print):
+        mean, sd, n = done.mean_sd()
+        print(f"{done.study_name}: trial #{done.source_trial}: test_accuracy {mean:.4f} ± {sd:.4f} (n={n})")
+
+
+def _has_study(rdb, name: str) -> bool:
+    import optuna
+
+    return name in optuna.get_all_study_names(storage=rdb)
+
+
 def _add_bench_command(sub) -> None:
     """`fmsearch bench`: its flags."""
     p = sub.add_parser("bench", help="time fmsearch's training loop against the assignment's loop")
@@ -529,6 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     _add_study_command(sub)
+    p = sub.add_parser("confirm", help="rerun each condition's best trial on new seeds, scored on test")
+    p.add_argument("name", help="a study file's name under studies/, e.g. semi, or a path to one")
+    p.add_argument("--storage", type=_storage_url, default=storage.default_url(), help=STORAGE_HELP)
+    p.add_argument("--device", type=_device, help=DEVICE_HELP)
+    p.set_defaults(func=cmd_confirm)
     _add_bench_command(sub)
 
     p = sub.add_parser("report", help="draw a study's figures and summary.md from the storage")

@@ -40,6 +40,7 @@ TOP_LEVEL = {
     "fixed",
     "conditions",
     "space",
+    "confirm",
 }
 
 
@@ -100,6 +101,13 @@ class SamplerSpec:
 
 
 @dataclass(frozen=True)
+class ConfirmSpec:
+    """The search's last step: each condition's best configuration trained again on new seeds."""
+
+    seeds: int = param(3, "seeds the best configuration is trained again on, each scored once on test", low=0)
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     path: Path
@@ -116,6 +124,7 @@ class StudySpec:
     fixed: dict[str, Any]
     conditions: dict[str, tuple]
     space: dict[str, Dimension]
+    confirm: ConfirmSpec = ConfirmSpec()  # not in the fingerprint: raising its seeds resumes
 
     def condition_list(self) -> list[dict[str, Any]]:
         """Every combination of the condition values, in file order."""
@@ -357,6 +366,7 @@ def parse(path: Path, text: str | None = None) -> StudySpec:
         fixed=fixed,
         conditions=conditions,
         space=space,
+        confirm=_dataclass_from(path, "confirm", ConfirmSpec, _section(path, raw, "confirm")),
     )
     _check_distinct_study_names(spec)
     _check_something_is_searched(spec)

@@ -72,6 +72,8 @@ class Attr:
     TEACHER_TEAM = "teacher_team"  # distill's teachers: count, cost and accuracies (runner.teachers_record)
     ERROR = "error"
     SAMPLER_SEED = "sampler_seed"  # its worker's: every worker on every machine draws its own
+    # on each trial of a confirmation study (confirm.py): the search trial it reruns; its TEST score
+    SOURCE_TRIAL = "source_trial"
     WEIGHTS = "weights"  # {"trial": number, "artifact": id}: the weights this trial itself stored
 
 
@@ -669,6 +671,26 @@ def study_name(spec_name: str, condition: str) -> str:
     """A condition's Optuna study name: 'semi' and 'labels=10%' -> 'semi/labels=10%'; no condition,
     the study file's name alone."""
     return f"{spec_name}/{condition}" if condition else spec_name
+
+
+def confirm_name(name: str) -> str:
+    """The confirmation study of a condition: 'semi/labels=10%' -> 'semi@confirm/labels=10%'."""
+    spec_name, condition = study_name_parts(name)
+    return study_name(f"{spec_name}@confirm", condition)
+
+
+def confirmed_scores(study: optuna.Study, source_trial: int) -> dict[int, float]:
+    """Seed -> test accuracy of the finished confirmation reruns of `source_trial` of a condition's
+    study (confirm.py), read from its '<spec>@confirm/<condition>' study; {} where there is none."""
+    try:
+        reruns = optuna.load_study(study_name=confirm_name(study.study_name), storage=study._storage)
+    except KeyError:
+        return {}
+    done = {}
+    for trial in reruns.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if trial.user_attrs.get(Attr.SOURCE_TRIAL) == source_trial and Attr.TEST in trial.user_attrs:
+            done[trial.user_attrs[Attr.CONFIG]["seed"]] = trial.user_attrs[Attr.TEST]["test_accuracy"]
+    return done
 
 
 def study_name_parts(name: str) -> tuple[str, str]:

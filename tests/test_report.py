@@ -162,7 +162,9 @@ def test_a_stored_test_score_of_another_trial_is_never_shown_as_the_best_ones(tm
 
     BestTrialScore(1, 0.9, 0.4, 0.8888, [[1]], ["T-shirt/top"]).save(made)
     (condition,) = report.load_conditions(url, "stale")
-    assert "test accuracy 0.8888 (trial #1)" in report.summary_markdown("stale", [condition], [], "")
+    assert "test accuracy 0.8888 (trial #1, a single run)" in report.summary_markdown(
+        "stale", [condition], [], ""
+    )
 
 
 def test_two_reports_at_once_upload_each_figure_once(tmp_path, monkeypatch):

@@ -1,0 +1,66 @@
+"""confirm.py: each condition's best configuration rerun on new seeds, resumably."""
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from fmsearch import confirm, spec, storage, study
+from tests.conftest import run_tiny_study, study_text
+
+
+def reruns(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=storage.confirm_name(name), storage=url).get_trials(deepcopy=False)
+
+
+def test_a_killed_confirmation_resumes_without_repeating_a_seed(tmp_path, tiny):
+    text = study_text(trials=2, max_epochs=1) + "\n[confirm]\nseeds = 2\n"
+    run = run_tiny_study(tmp_path, tiny, text, name="conf")
+    name = run.summaries[0].study_name
+    rdb = storage.open_storage(run.storage)
+    splits = study.load_splits(run.spec, run.options)
+    best = storage.best_trial(optuna.load_study(study_name=name, storage=rdb).trials)
+
+    def killed_after_the_first_seed(line: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        confirm.confirm(run.spec, rdb, splits, run.options.results_dir, log=killed_after_the_first_seed)
+    optuna.load_study(study_name=storage.confirm_name(name), storage=rdb).ask()  # what a kill -9 leaves
+    first = [(t.number, t.user_attrs["config"]["seed"]) for t in reruns(run.storage, name) if t.value]
+    assert len(first) == 1
+
+    done = confirm.confirm(run.spec, rdb, splits, run.options.results_dir)[0]
+    trials = reruns(run.storage, name)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert [(t.number, t.user_attrs["config"]["seed"]) for t in complete][:1] == first  # kept, not rerun
+    assert sorted(t.user_attrs["config"]["seed"] for t in complete) == confirm.seeds(0, 2) == [1, 2]
+    assert all(t.user_attrs["source_trial"] == best.number for t in complete)
+    assert not any(t.state == TrialState.RUNNING for t in trials)  # the killed rerun was failed
+    assert done.source_trial == best.number and sorted(done.test_accuracy) == [1, 2]
+    for t in complete:  # the rerun is the best trial's configuration on another seed, scored once on test
+        assert {k: v for k, v in t.user_attrs["config"].items() if k != "seed"} == {
+            k: v for k, v in best.user_attrs["config"].items() if k != "seed"
+        }
+        assert 0.0 < t.user_attrs["test"]["test_accuracy"] <= 1.0
+
+    more = spec.parse(run.spec.path, text.replace("seeds = 2", "seeds = 3"))
+    again = confirm.confirm(more, rdb, splits, run.options.results_dir)[0]
+    assert sorted(again.test_accuracy) == [1, 2, 3]
+    assert len([t for t in reruns(run.storage, name) if t.state == TrialState.COMPLETE]) == 3
+
+
+def test_confirmation_seeds_are_never_the_searchs_own():
+    assert confirm.seeds(7, 3) == [8, 9, 10] and confirm.seeds(2**32 - 2, 3) == [2**32 - 1, 0, 1]
+    assert confirm.seeds(0, 0) == []
+
+
+def test_confirm_before_the_study_ran_is_one_line(tmp_path, capsys):
+    from fmsearch import cli
+
+    path = tmp_path / "early.toml"
+    path.write_text(study_text(trials=2, max_epochs=1))
+    assert cli.main(["confirm", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 1
+    assert capsys.readouterr().err == (
+        f"fmsearch confirm: error: study 'early/labels=100%' is not in the storage: run "
+        f"`fmsearch study {path}` first\n"
+    )
