@@ -34,15 +34,9 @@ patience = 2
 pool_limit = 1000
 val_size = 1000
 
-[sampler]
-name = "tpe"
-seed = 0
-
-[pruner]
-name = "none"
+pruner = {{ name = "none" }}  # the sampler is the default: TPE, seed 0
 
 [fixed]
-optimizer = "adam"
 {fixed}
 
 [conditions]
@@ -156,8 +150,7 @@ def case_1_death_before_first_heartbeat():
 
 def case_2_paused_worker_and_other_heartbeat():
     folder = scratch("2")
-    path = study_file(folder, trials=3, epochs=3)
-    first = start(folder, "study", str(path), "--heartbeat", "1")
+    first = start(folder, "study", str(path := study_file(folder, trials=3, epochs=3)), "--heartbeat", "1")
     wait_running(folder)
     paused = next(t.number for t in trials(folder) if t.state == optuna.trial.TrialState.RUNNING)
     os.kill(first.pid, signal.SIGSTOP)
@@ -190,8 +183,7 @@ def case_2_paused_worker_and_other_heartbeat():
 
 def case_3_sigterm():
     folder = scratch("3")
-    path = study_file(folder, trials=4, epochs=3)
-    worker = start(folder, "study", str(path), "--jobs", "2")
+    worker = start(folder, "study", str(study_file(folder, trials=4, epochs=3)), "--jobs", "2")
     wait_running(folder)
     time.sleep(2)
     os.kill(worker.pid, signal.SIGTERM)
@@ -285,24 +277,15 @@ def case_13_other_code():
     run(folder, "study", str(path))
     study = optuna.load_study(study_name="f/labels=100%", storage=f"sqlite:///{folder}/results/studies.db")
     recorded = dict(study.user_attrs["fingerprint"])
-    recorded["defaults"] = {**recorded["defaults"], "weight_decay": 1e-4}
-    study.set_user_attr("fingerprint", recorded)
-    result = run(folder, "study", str(path), "--trials", "3")
-    row(
-        "13 trials of code with another default",
-        "stored defaults.weight_decay 1e-4; rerun",
-        result,
-        f"finished {finished(folder)} (unchanged)",
-    )
-    del recorded["training"], recorded["defaults"]
-    study.set_user_attr("fingerprint", recorded)
-    result = run(folder, "study", str(path), "--trials", "3")
-    row(
-        "13 a study from before versions",
-        "fingerprint without training/defaults; rerun",
-        result,
-        f"finished {finished(folder)}",
-    )
+    moved = {**recorded, "defaults": {**recorded["defaults"], "weight_decay": 1e-4}}
+    unversioned = {k: v for k, v in recorded.items() if k not in ("training", "defaults")}
+    for case, done, fingerprint in (
+        ("13 trials of code with another default", "stored defaults.weight_decay 1e-4; rerun", moved),
+        ("13 a study from before versions", "fingerprint without training/defaults; rerun", unversioned),
+    ):
+        study.set_user_attr("fingerprint", fingerprint)
+        result = run(folder, "study", str(path), "--trials", "3")
+        row(case, done, result, f"finished {finished(folder)} (unchanged)")
     report = run(folder, "report", "f")
     row("13 ... and its report", "fmsearch report f", report, "the report still reads it")
 
