@@ -480,6 +480,8 @@ def _add_study_command(sub) -> None:
 
 
 def cmd_confirm(args: argparse.Namespace) -> None:
+    import optuna
+
     from fmsearch import confirm, engine, spec, study
 
     workers.catch_termination()
@@ -487,7 +489,8 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     options = study.RunOptions(storage=args.storage, device=engine.resolve_device(args.device))
     study.quiet_optuna()
     rdb = storage.open_storage(options.storage)
-    missing = [n for n in map(study_spec.study_name, study_spec.condition_list()) if not _has_study(rdb, n)]
+    known = set(optuna.get_all_study_names(storage=rdb))
+    missing = [n for n in map(study_spec.study_name, study_spec.condition_list()) if n not in known]
     if missing:
         raise StudyError(
             f"study {missing[0]!r} is not in the storage: run `fmsearch study {args.name}` first"
@@ -500,12 +503,6 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     for done in confirm.confirm(study_spec, rdb, splits, RESULTS_DIR, log=print):
         mean, sd, n = done.mean_sd()
         print(f"{done.study_name}: trial #{done.source_trial}: test_accuracy {mean:.4f} ± {sd:.4f} (n={n})")
-
-
-def _has_study(rdb, name: str) -> bool:
-    import optuna
-
-    return name in optuna.get_all_study_names(storage=rdb)
 
 
 def _add_bench_command(sub) -> None:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 import optuna
 from optuna.trial import TrialState
 
-from fmsearch import data, engine, runner, speed, storage
+from fmsearch import data, engine, runner, storage
 from fmsearch.spec import StudySpec
 from fmsearch.storage import Attr
 
@@ -51,7 +51,8 @@ def confirm(
     confirmed = []
     for condition in spec.condition_list():
         name = spec.study_name(condition)
-        best = storage.best_trial(optuna.load_study(study_name=name, storage=rdb).get_trials(deepcopy=False))
+        searched = optuna.load_study(study_name=name, storage=rdb)
+        best = storage.best_trial(searched.get_trials(deepcopy=False))
         if best is None:
             log(f"{name}: no finished trial to confirm yet")
             continue
@@ -61,11 +62,7 @@ def confirm(
         )
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(stale.number, state=TrialState.FAIL)  # a killed rerun: confirm runs in one process
-        done = Confirmed(
-            name,
-            best.number,
-            storage.confirmed_scores(optuna.load_study(study_name=name, storage=rdb), best.number),
-        )
+        done = Confirmed(name, best.number, storage.confirmed_scores(searched, best.number))
         for seed in seeds(config.seed, spec.confirm.seeds):
             if seed not in done.test_accuracy:
                 score = _rerun(study, replace(config, seed=seed), best.number, splits, results_dir)
@@ -81,9 +78,7 @@ def _rerun(study: optuna.Study, config, source_trial: int, splits: data.Splits, 
     trial.set_user_attr(Attr.SOURCE_TRIAL, source_trial)
     trial.set_user_attr(Attr.CONFIG, asdict(config))
     try:
-        done = runner.run(
-            config, splits, results_dir, execution=speed.settle(config, splits.train_images.device)
-        )
+        done = runner.run(config, splits, results_dir)  # with this machine's speed settings
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
         raise
