@@ -178,9 +178,12 @@ def settle_changes(
         if not study.get_trials(deepcopy=False):
             continue
         old = study.user_attrs.get(Attr.FINGERPRINT)
-        changes = fingerprint_changes(old, new) if old is not None else legacy_changes(study, new)
-        if old is None or "training" not in old:
-            changes = [UNPROVEN] + [c for c in changes if not c.startswith(("training", "defaults"))]
+        if old is not None and "training" in old:
+            changes = fingerprint_changes(old, new)
+        elif old is not None:  # from before versions: what it recorded is compared, the rest unproven
+            changes = [UNPROVEN] + fingerprint_changes(old, {k: v for k, v in new.items() if k in old})
+        else:
+            changes = [UNPROVEN] + legacy_changes(study, new)
         if changes:
             changed[name] = (study, changes)
     if changed and not archive_changed:
