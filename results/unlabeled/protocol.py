@@ -2,7 +2,7 @@
 CNNs, seeds 0-2, test accuracy of the weights chosen on validation, gains paired by seed against the
 labels-only control (teacher 0, the same recipe on the labeled images alone).
 
-    .venv/bin/python results/unlabeled/protocol.py VARIANT [ARCH ...]
+    .venv/bin/python results/unlabeled/protocol.py VARIANT [ARCH ...] [--seeds 0,1,2]
 
 Each run is one `fmsearch train` command; its --json record and the control's per-class recall (from
 the teacher cache) go into runs.json beside this file as soon as it ends, and a rerun skips the runs
@@ -148,8 +148,13 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["table"]:
         print(table(load()))
         sys.exit()
-    variant, archs = sys.argv[1], sys.argv[2:] or ["plain", "adaptive"]
-    for seed in range(3):
+    args, seeds = sys.argv[1:], range(3)
+    if "--seeds" in args:
+        at = args.index("--seeds")
+        seeds = [int(s) for s in args[at + 1].split(",")]
+        args = args[:at] + args[at + 2 :]
+    variant, archs = args[0], args[1:] or ["plain", "adaptive"]
+    for seed in seeds:
         for arch in archs:
             runs = load()
             if any((r["variant"], r["arch"], r["seed"]) == (variant, arch, seed) for r in runs):
