@@ -14,6 +14,7 @@ ARCHITECTURE_NAMES = ("adaptive", "plain")  # models.ARCHITECTURES builds each
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "step", "cosine")
 UNLABELED = ("skip", "pseudo", "distill", "vat")
+VIEWS = ("weak", "strong")  # semi.weak_augment, semi.strong_augment
 MONITORS = ("val_loss", "val_accuracy")
 # The meaning of training: raise it with any change to the code that makes the same TrainConfig learn
 # something else (an objective's arithmetic, the teacher recipe, augmentation, the split). A study's
@@ -90,6 +91,25 @@ class TrainConfig:
     align: bool = param(
         True,
         "distill: rescale the targets to the pool's even class mix",
+        objectives=("distill",),
+        recipe=True,
+    )
+    student_view: str = param(
+        "weak",
+        "distill: the student's view of an unlabeled image, weak (shift, flip) or strong (+ warp, contrast)",
+        choices=VIEWS,
+        objectives=("distill",),
+    )
+    mixup: float = param(
+        0.0,
+        "distill: Beta(a, a) mixup of unlabeled images and their soft targets; 0: none",
+        low=0.0,
+        objectives=("distill",),
+    )
+    rounds: int = param(
+        1,
+        "distill: students in a row, each taught by the one before it (Noisy Student); 1: the teachers only",
+        low=1,
         objectives=("distill",),
         recipe=True,
     )

@@ -8,6 +8,7 @@ old trials under an archived name and starts afresh; nothing is deleted until th
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -70,6 +71,7 @@ def defaults(spec: StudySpec, condition: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+NEW_PARAMETER = re.compile(r"defaults\.\w+ added")
 UNPROVEN = (
     f"training: not recorded (the study predates versioned training), so its trials cannot be shown to "
     f"have trained as version {TRAINING_VERSION} does, nor with today's defaults"
@@ -179,7 +181,8 @@ def settle_changes(
             continue
         old = study.user_attrs.get(Attr.FINGERPRINT)
         if old is not None and "training" in old:
-            changes = fingerprint_changes(old, new)
+            # A parameter added to the code since comes in at a default that trains as before.
+            changes = [c for c in fingerprint_changes(old, new) if not NEW_PARAMETER.fullmatch(c)]
         elif old is not None:  # from before versions: what it recorded is compared, the rest unproven
             changes = [UNPROVEN] + fingerprint_changes(old, {k: v for k, v in new.items() if k in old})
         else:

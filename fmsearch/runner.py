@@ -61,6 +61,7 @@ def teachers_record(team: teachers.Teachers) -> dict[str, Any]:
         "test_accuracy": team.test_accuracy,
         "target_accuracy": team.target_accuracy,
         "members": team.members,  # per teacher: its seed, epochs, seconds and scores
+        "rounds": team.rounds,  # Noisy Student's earlier students, in order
     }
 
 
@@ -107,20 +108,41 @@ def run(
     before training starts), then fit. `execution` defaults to this machine's choice."""
     subset = engine.make_subset(config, splits)
     execution = execution or speed.settle(config, splits.train_images.device)
-    team = None
+    team, targets = None, None
     if config.unlabeled == "distill":
         team = teachers.build(config, splits, subset, teachers_dir(results_dir), log, execution)
         on_teachers(team)
+        targets = team.probs
+        for round in range(1, config.rounds):  # Noisy Student: each student teaches the next one
+            log(f"student round {round} of {config.rounds}: training, then relabelling the pool")
+            student = engine.fit(config, splits, subset=subset, teacher_probs=targets, execution=execution)
+            targets = teachers.student_targets(student.model, config, splits, subset, execution)
+            team.rounds.append(_round_record(student, splits, execution, targets, subset))
     result = engine.fit(
         config,
         splits,
         subset=subset,
-        teacher_probs=None if team is None else team.probs,
+        teacher_probs=targets,
         hooks=hooks,
         progress=progress,
         execution=execution,
     )
     return Run(config, result, team)
+
+
+def _round_record(
+    student: engine.FitResult, splits: Splits, run: speed.Execution, targets, subset
+) -> dict[str, Any]:
+    """An earlier round's student: its epochs and scores, and how right the targets it made are."""
+    test = engine.evaluate(student.model, splits.test_images, splits.test_labels, splits.normalize, run)
+    return {
+        "epochs": len(student.history),
+        "best_epoch": student.best_epoch,
+        "seconds": student.seconds,
+        "val_accuracy": student.best["val_accuracy"],
+        "test_accuracy": test.accuracy,  # for the report only, never for selection
+        "target_accuracy": teachers.target_accuracy(targets, subset),
+    }
 
 
 def stored_config(study_name: str, trial: FrozenTrial) -> TrainConfig:

@@ -327,25 +327,43 @@ class PseudoLabel(UnlabeledObjective):
 
 
 class Distill(UnlabeledObjective):
-    """Offline distillation: an unlabeled batch's weak view learns the teachers' fixed soft targets.
+    """Offline distillation: an unlabeled batch's augmented view learns the teachers' fixed soft targets.
 
     `targets` (N, C) holds a probability vector for every pool image; only the unlabeled rows are
     read. The targets never move, so there is no confirmation loop. Each unlabeled batch takes its
-    own step: the student learns the pool from the teachers as it would from labels.
+    own step: the student learns the pool from the teachers as it would from labels. Noisy Student's
+    noise on the student: a `strong` view, and `mixup` of images with their targets (Beta(a, a)).
     """
 
     steps_alone = True
 
-    def __init__(self, targets: torch.Tensor, lambda_u: float):
+    def __init__(
+        self, targets: torch.Tensor, lambda_u: float, student_view: str = "weak", mixup: float = 0.0
+    ):
         self.targets = targets
         self.lambda_u = lambda_u
+        self.student_view, self.mixup = student_view, mixup
+        self.augment = strong_augment if student_view == "strong" else weak_augment
 
     def __call__(self, model, indices, images, normalize, generator):
-        pixels = weak_augment(images.unsqueeze(1).float() / 255.0, generator)
-        log_probs = F.log_softmax(model(normalize(pixels)).float(), dim=1)
+        pixels = self.augment(images.unsqueeze(1).float() / 255.0, generator)
         target = self.targets[indices]
+        if self.mixup > 0:
+            pixels, target = _mix(pixels, target, self.mixup, generator)
+        log_probs = F.log_softmax(model(normalize(pixels)).float(), dim=1)
         loss = self.lambda_u * -(target * log_probs).sum(dim=1).mean()
-        return UnlabeledStep(loss, target.argmax(dim=1))
+        return UnlabeledStep(loss, self.targets[indices].argmax(dim=1))
+
+
+def _mix(
+    pixels: torch.Tensor, target: torch.Tensor, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mixup (Zhang et al. 2018): each image and its target blended with another of the batch's by one
+    Beta(alpha, alpha) weight per batch (torch's global generator draws it, seeded by the run as
+    dropout's is; the pairing comes from the run's generator)."""
+    weight = float(torch.distributions.Beta(alpha, alpha).sample())
+    order = torch.randperm(len(pixels), generator=generator, device=pixels.device)
+    return weight * pixels + (1 - weight) * pixels[order], weight * target + (1 - weight) * target[order]
 
 
 def _unit(d: torch.Tensor) -> torch.Tensor:

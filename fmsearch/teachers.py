@@ -27,6 +27,7 @@ from fmsearch.config import TRAINING_VERSION
 from fmsearch.data import Splits
 from fmsearch.engine import TrainConfig, fit, logits_of, score_by_monitor
 from fmsearch.files import write_atomic, write_json
+from fmsearch.params import parameters
 from fmsearch.semi import LabeledSubset
 from fmsearch.speed import SETTINGS, Execution, settle
 
@@ -58,13 +59,26 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+# Fields only an unlabeled objective reads, which a labels-only teacher never does, are left out of
+# the key, so that adding one keeps every cached teacher; these were keyed before that rule, and stay.
+KEYED_OBJECTIVE_FIELDS = frozenset(
+    ("tau", "lambda_u", "debias", "warmup_epochs", "teachers", "teacher_epochs", "temperature", "tta")
+    + ("align", "vat_eps", "vat_xi", "entropy_weight")
+)
+
+
 def cache_key(teacher: TrainConfig, splits: Splits, subset: LabeledSubset) -> str:
     """A name for everything that determines a teacher's weights.
 
     How it executes (speed.SETTINGS) is left out: it changes the speed, not what is learned.
     """
     data = f"{splits.digest}-{_digest(subset.targets)}"
-    config = {k: v for k, v in asdict(teacher).items() if k not in SETTINGS}
+    declared = parameters(TrainConfig)
+    config = {
+        k: v
+        for k, v in asdict(teacher).items()
+        if k not in SETTINGS and (not declared[k].objectives or k in KEYED_OBJECTIVE_FIELDS)
+    }
     versions = {"version": CACHE_VERSION, "training": TRAINING_VERSION}
     text = json.dumps({"config": config, "data": data, **versions}, sort_keys=True)
     return f"{teacher.arch}-seed{teacher.seed}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
@@ -79,6 +93,7 @@ class Teachers:
     val_accuracy: float = 0.0  # of the ensemble (with the mirror where tta applies)
     test_accuracy: float = 0.0  # of the ensemble; for the report only, never for selection
     target_accuracy: float = 0.0  # argmax of the targets against the hidden labels of the unlabeled pool
+    rounds: list[dict] = field(default_factory=list)  # Noisy Student's earlier students (runner.run)
 
     @property
     def seconds(self) -> float:
@@ -205,25 +220,45 @@ def build(
         # augmentation scored 0.62 on mirrored validation images against 0.876 on the images.
         mirror = config.tta and teacher.augment
         views.append({name: v if mirror else v[:1] for name, v in logits.items()})
-    probs = _ensemble([v["pool"] for v in views], config.temperature)
+    probs = _targets(_ensemble([v["pool"] for v in views], config.temperature), config, subset)
+
+    def ensemble_accuracy(split: str, labels: torch.Tensor) -> float:
+        return float((_ensemble([v[split] for v in views], 1.0).argmax(1) == labels).float().mean())
+
+    return Teachers(
+        probs=probs,
+        members=members,
+        val_accuracy=ensemble_accuracy("val", splits.val_labels),
+        test_accuracy=ensemble_accuracy("test", splits.test_labels),
+        target_accuracy=target_accuracy(probs, subset),
+    )
+
+
+def _targets(probs: torch.Tensor, config: TrainConfig, subset: LabeledSubset) -> torch.Tensor:
+    """The soft targets: `probs`, aligned to the pool's even class mix where `config.align` asks."""
     unlabeled = subset.unlabeled.to(probs.device)
     if config.align and len(unlabeled):
         # Distribution alignment: the pool is stratified, so its class mix is even.
         mix = probs[unlabeled].mean(0)
         probs = probs / mix * (1.0 / probs.shape[1])
         probs = probs / probs.sum(dim=1, keepdim=True)
+    return probs
+
+
+def target_accuracy(probs: torch.Tensor, subset: LabeledSubset) -> float:
+    """How often the targets' argmax is the hidden label of an unlabeled pool image (report only)."""
+    unlabeled = subset.unlabeled.to(probs.device)
+    if not len(unlabeled):
+        return 1.0
     hidden = subset.hidden.to(probs.device)
+    return float((probs[unlabeled].argmax(1) == hidden[unlabeled]).float().mean())
 
-    def ensemble_accuracy(split: str, labels: torch.Tensor) -> float:
-        return float((_ensemble([v[split] for v in views], 1.0).argmax(1) == labels).float().mean())
 
-    target_accuracy = (
-        float((probs[unlabeled].argmax(1) == hidden[unlabeled]).float().mean()) if len(unlabeled) else 1.0
-    )
-    return Teachers(
-        probs=probs,
-        members=members,
-        val_accuracy=ensemble_accuracy("val", splits.val_labels),
-        test_accuracy=ensemble_accuracy("test", splits.test_labels),
-        target_accuracy=target_accuracy,
-    )
+def student_targets(
+    model: torch.nn.Module, config: TrainConfig, splits: Splits, subset: LabeledSubset, run: Execution
+) -> torch.Tensor:
+    """Noisy Student's next round: a trained student's soft targets for the pool, its predictions on
+    each image and its mirror averaged (a student always trains on flips), then aligned as the
+    teachers' are."""
+    views = _logits(model, splits.train_images, splits, run)
+    return _targets(_ensemble([views], config.temperature), config, subset)

@@ -112,6 +112,18 @@ def test_trials_run_by_other_code_are_refused_even_with_the_same_study_file(
     assert len(trials_of(url, SNAPSHOT)) == 2
 
 
+def test_a_parameter_added_to_the_code_since_does_not_count_as_a_change(finished_study, tmp_path, tiny):
+    """A new parameter comes in at a default that trains as before (TRAINING_VERSION says otherwise)."""
+    folder = _copy_of(finished_study, tmp_path)
+    url = f"sqlite:///{folder}/studies.db"
+    study = optuna.load_study(study_name=SNAPSHOT, storage=url)
+    recorded = study.user_attrs["fingerprint"]
+    del recorded["defaults"]["weight_decay"]  # as a study recorded before weight_decay existed
+    study.set_user_attr("fingerprint", recorded)
+    run_tiny_study(folder, tiny, study_text(trials=3, max_epochs=1), name="fp")
+    assert len(trials_of(url, SNAPSHOT)) == 3
+
+
 def test_the_fingerprint_holds_the_defaults_a_condition_may_read_but_no_execution_setting(tmp_path):
     text = study_text(trials=2, max_epochs=1)
     semi_text = text.replace("labeled_fraction = [1.0]", "labeled_fraction = [0.5]\nunlabeled = ['vat']")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fmsearch import engine, teachers
+from fmsearch import engine, semi, teachers
 from fmsearch.models import build_model
 from fmsearch.semi import (
     HIDDEN,
@@ -407,3 +407,29 @@ def test_lambda_u_scales_the_unlabeled_loss_that_the_objective_computes(unlabele
         step = objective(model, torch.arange(4), images, _normalize, torch.Generator().manual_seed(2))
         losses.append(step.loss.item())
     assert losses[0] > 0 and losses[1] == pytest.approx(2 * losses[0], rel=1e-5)
+
+
+def test_a_strong_view_and_mixup_add_noise_to_the_student_but_not_to_its_pseudo_labels():
+    torch.manual_seed(0)
+    model = build_model("plain", 0.0)
+    images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    targets = torch.softmax(torch.randn(20, 10), 1)
+    indices = torch.arange(2, 18)
+
+    def normalize(x):
+        return (x - 0.3) / 0.5
+
+    def loss(objective, seed=0):
+        torch.manual_seed(seed)
+        step = objective(model, indices, images, normalize, torch.Generator().manual_seed(seed))
+        assert step.pseudo_labels.equal(targets[indices].argmax(1))  # what is reported stays the targets'
+        return step.loss.item()
+
+    weak = loss(Distill(targets, 1.0))
+    strong, mixed = loss(Distill(targets, 1.0, student_view="strong")), loss(Distill(targets, 1.0, mixup=0.4))
+    assert len({weak, strong, mixed}) == 3
+    assert loss(Distill(targets, 1.0, mixup=0.4)) == mixed  # seeded: the same draw again
+    pixels, mixed_targets = semi._mix(
+        torch.rand(8, 1, 28, 28), targets[:8], 0.4, torch.Generator().manual_seed(1)
+    )
+    assert torch.allclose(mixed_targets.sum(1), torch.ones(8)) and pixels.shape == (8, 1, 28, 28)

@@ -89,3 +89,49 @@ def test_a_damaged_cache_entry_is_named_and_trained_again(tiny_splits, tmp_path)
     assert torch.equal(first.probs, again.probs)  # the same recipe and seed train the same teachers
     _, lines = build(tiny_splits, tmp_path)
     assert all("from the cache" in line for line in lines)
+
+
+def test_each_noisy_student_round_is_taught_by_the_student_before_it(tiny_splits, tmp_path):
+    """rounds = 2: a first student learns the teachers' targets, relabels the pool, and the student
+    that is returned learns those; the first student's scores are recorded beside the teachers'."""
+    from fmsearch import runner
+
+    config = replace(CONFIG, epochs=2, rounds=2)
+    lines = []
+    two = runner.run(config, tiny_splits, tmp_path, log=lines.append)
+    one = runner.run(replace(config, rounds=1), tiny_splits, tmp_path)
+    assert sum("student round 1 of 2" in line for line in lines) == 1
+    (first,) = two.team.rounds
+    assert first["epochs"] == 2 and 0 < first["val_accuracy"] <= 1 and 0 < first["target_accuracy"] <= 1
+    assert runner.teachers_record(two.team)["rounds"] == [first] and one.team.rounds == []
+    # The first round is rounds = 1's student itself, so the returned students differ only by targets.
+    assert first["val_accuracy"] == one.result.best["val_accuracy"]
+    assert two.result.history != one.result.history
+
+
+def test_a_student_relabels_the_pool_with_its_aligned_mirror_averaged_predictions(tiny_splits, tmp_path):
+    subset = engine.make_subset(CONFIG, tiny_splits)
+    student = engine.fit(replace(CONFIG, unlabeled="skip", epochs=1), tiny_splits, subset=subset)
+    run = student.execution
+    targets = teachers.student_targets(student.model, CONFIG, tiny_splits, subset, run)
+    assert targets.shape == (len(tiny_splits.train_labels), 10)
+    assert torch.allclose(targets.sum(1), torch.ones(len(targets)))
+    assert (targets[subset.unlabeled].mean(0) - 0.1).abs().max() < 0.02  # aligned
+    logits = engine.logits_of(student.model, tiny_splits.train_images, tiny_splits.normalize, run)
+    mirrored = engine.logits_of(
+        student.model, tiny_splits.train_images, lambda x: tiny_splits.normalize(x).flip(-1), run
+    )
+    raw = (logits.softmax(1) + mirrored.softmax(1)) / 2
+    unaligned = teachers.student_targets(
+        student.model, replace(CONFIG, align=False), tiny_splits, subset, run
+    )
+    assert torch.allclose(unaligned, raw, atol=1e-6)
+
+
+def test_a_field_only_an_unlabeled_objective_reads_leaves_the_teachers_key_alone(tiny_splits):
+    teacher = teachers.recipe(CONFIG, 0)
+    subset = engine.make_subset(CONFIG, tiny_splits)
+    key = teachers.cache_key(teacher, tiny_splits, subset)
+    for noise in ({"mixup": 0.5}, {"student_view": "strong"}, {"rounds": 3}, {"amp": True}):
+        assert teachers.cache_key(replace(teacher, **noise), tiny_splits, subset) == key, noise
+    assert teachers.cache_key(replace(teacher, lr=0.01), tiny_splits, subset) != key
