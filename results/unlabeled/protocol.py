@@ -43,6 +43,13 @@ VARIANTS = {
         for arch in ("plain", "adaptive")
     },
 }
+# Noisy Student (direction 2): the same teachers (cached), a noisier student, then rounds of students.
+for name, noise in {
+    "ns-strong": ["--student-view", "strong"],
+    "ns-mixup": ["--mixup", "0.4"],
+    "ns-strong-2rounds": ["--student-view", "strong", "--rounds", "2"],
+}.items():
+    VARIANTS[name] = {arch: [*flags, *noise] for arch, flags in VARIANTS["distill-5x30"].items()}
 
 
 def load() -> list[dict]:
