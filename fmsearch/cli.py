@@ -331,7 +331,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     study.quiet_optuna()
     rdb = storage.open_storage(args.storage)
     summary, images = report.write_report(rdb, args.name, RESULTS_DIR, storage.DatabaseArtifactStore(rdb))
-    print(f"wrote {summary} and {', '.join(p.name for p in images)}; the dashboard shows them too")
+    figures = ", ".join(p.name for p in images)
+    print(f"wrote {summary}, trials.csv and {figures}; the dashboard shows the figures too")
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
