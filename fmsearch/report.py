@@ -496,7 +496,8 @@ def draw_search(conditions: list[Condition]) -> plt.Figure:
         else:
             _choice_panel(ax, done, dimension, conditions)
         if at_edge:  # the title turns red and names where
-            where = ", ".join(at_edge) if len(at_edge) <= 2 else f"{len(at_edge)} conditions"
+            where = ", ".join(at_edge)
+            where = where if len(where) <= 40 else f"{len(at_edge)} conditions (see summary.md)"
             ax.set_title(f"{dimension.name}\nbest at the edge of its range in {where}", color="firebrick")
     extra = [
         matplotlib.lines.Line2D(
