@@ -8,14 +8,14 @@ import ipaddress
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from fmsearch import files, storage, workers
-from fmsearch.config import ARCHITECTURE_NAMES, SETTINGS, SWITCHES, TrainConfig
+from fmsearch.config import ARCHITECTURE_NAMES, NO_PATIENCE, SETTINGS, SWITCHES, TrainConfig
 from fmsearch.errors import StudyError, UsageError
 
 STUDIES_DIR = Path("studies")
@@ -171,12 +171,15 @@ def _report_name(text: str) -> str:
     return text
 
 
-def _load_splits(device_name: str | None, pool_limit: int | None = None):
+def _load_splits(device_name: str | None, pool_limit: int | None = None, val_size: int | None = None):
     from fmsearch import data, engine
 
     device = engine.resolve_device(device_name)
     print(f"data: {_ensure_data()}", file=sys.stderr)
-    return device, data.load_splits(data.DataConfig(pool_limit=pool_limit), device)
+    config = data.DataConfig(pool_limit=pool_limit)
+    if val_size is not None:
+        config = replace(config, val_size=val_size)
+    return device, data.load_splits(config, device)
 
 
 def _format_row(values: list, widths: list[int]) -> str:
@@ -213,7 +216,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from fmsearch import engine, runner
 
     config = train_config(args)
-    device, splits = _load_splits(args.device, args.pool_limit)
+    device, splits = _load_splits(args.device, args.pool_limit, args.val_size)
     bar = EpochBar(config.arch, config.epochs)
     history: list[dict] = []
 
@@ -328,7 +331,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     study.quiet_optuna()
     rdb = storage.open_storage(args.storage)
     summary, images = report.write_report(rdb, args.name, RESULTS_DIR, storage.DatabaseArtifactStore(rdb))
-    print(f"wrote {summary} and {', '.join(p.name for p in images)}; the dashboard shows them too")
+    figures = ", ".join(p.name for p in images)
+    print(f"wrote {summary}, trials.csv and {figures}; the dashboard shows the figures too")
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -444,10 +448,11 @@ def _default_text(declared) -> str:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, from its declaration: --batch-size, --no-debias, ..."""
+    from fmsearch.params import flag as flag_of
     from fmsearch.params import parameters
 
     for declared in parameters(TrainConfig).values():
-        flag = "--" + declared.name.replace("_", "-")
+        flag = flag_of(declared.name)
         help = f"{declared.help} (default {_default_text(declared)})"
         if declared.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
@@ -455,7 +460,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, choices=declared.choices, help=help)
         else:
             parser.add_argument(flag, type=_checked(declared), help=help)
-    parser.add_argument("--no-patience", action="store_true", help="never stop early")
+    parser.add_argument(NO_PATIENCE, action="store_true", help="never stop early")
 
 
 def _add_study_command(sub) -> None:
@@ -551,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.add_argument("--device", type=_device, help=DEVICE_HELP)
     p.add_argument("--pool-limit", type=_positive_int, help="use only this many training-pool images")
+    p.add_argument(
+        "--val-size", type=_positive_int, help="images held out for validation (default 10,000, as a study's)"
+    )
     p.add_argument("--json", help="also write the history and test result to this file")
     p.set_defaults(func=cmd_train)
 

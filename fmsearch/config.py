@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fmsearch.params import check, param, parameters
+from fmsearch.errors import ConfigError
+from fmsearch.params import check, flag, param, parameters
 
 ARCHITECTURE_NAMES = ("adaptive", "plain")  # models.ARCHITECTURES builds each
 OPTIMIZERS = ("adam", "sgd")
@@ -24,6 +25,9 @@ TRAINING_VERSION = 1
 # How a run executes, never what it learns: chosen per machine by speed.choose unless set.
 SETTINGS = ("amp", "channels_last", "compile", "eval_batch_size", "threads")
 SWITCHES = ("amp", "channels_last", "compile")  # the on/off SETTINGS; `make bench` forces each alone
+NO_PATIENCE = "--no-patience"  # `fmsearch train`'s flag for patience None: never stop early
+# What a reproducing command always states, default or not: how long a run lasts and what stops it.
+ALWAYS_STATED = ("epochs", "batch_size", "patience", "monitor")
 
 
 @dataclass(frozen=True)
@@ -154,3 +158,30 @@ class TrainConfig:
             for p in parameters(TrainConfig).values()
             if self.unlabeled in p.objectives and not p.recipe
         }
+
+
+def train_flags(config: dict[str, Any]) -> list[str]:
+    """The `fmsearch train` flags that rebuild `config` (a TrainConfig as a dict, as a trial records it).
+
+    Each field that differs from its default gets its flag, and ALWAYS_STATED fields get theirs
+    whatever their value; the execution SETTINGS are left to the machine that runs the command.
+    Raises ConfigError for a key TrainConfig does not have (a config of another fmsearch version).
+    """
+    declared = parameters(TrainConfig)
+    unknown = sorted(set(config) - set(declared))
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a TrainConfig field of this fmsearch version")
+    flags = []
+    for name, p in declared.items():
+        if name not in config or name in SETTINGS:
+            continue
+        value = config[name]
+        if value == p.default and name not in ALWAYS_STATED:
+            continue
+        if name == "patience" and value is None:
+            flags.append(NO_PATIENCE)
+        elif p.type is bool:
+            flags.append(flag(name) if value else "--no-" + flag(name).removeprefix("--"))
+        elif value is not None:
+            flags += [flag(name), repr(value) if isinstance(value, float) else str(value)]
+    return flags

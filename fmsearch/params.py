@@ -87,6 +87,11 @@ def _number(value: float | None) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a parameter: 'batch_size' -> '--batch-size'."""
+    return "--" + name.replace("_", "-")
+
+
 def param(default: Any, help: str, **rule: Any) -> Any:
     """A dataclass field that declares its parameter: `lr: float = param(1e-3, "learning rate", low=0)`."""
     return field(default=default, metadata={"param": Param(help, **rule)})

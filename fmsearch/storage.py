@@ -679,9 +679,9 @@ def confirm_name(name: str) -> str:
     return study_name(f"{spec_name}@confirm", condition)
 
 
-def confirmed_scores(study: optuna.Study, source_trial: int) -> dict[int, float]:
-    """Seed -> test accuracy of the finished confirmation reruns of `source_trial` of a condition's
-    study (confirm.py), read from its '<spec>@confirm/<condition>' study; {} where there is none."""
+def confirmation_reruns(study: optuna.Study, source_trial: int) -> dict[int, FrozenTrial]:
+    """Seed -> the finished, test-scored confirmation rerun of `source_trial` of a condition's study
+    (confirm.py), read from its '<spec>@confirm/<condition>' study; {} where there is none."""
     try:
         reruns = optuna.load_study(study_name=confirm_name(study.study_name), storage=study._storage)
     except KeyError:
@@ -689,8 +689,14 @@ def confirmed_scores(study: optuna.Study, source_trial: int) -> dict[int, float]
     done = {}
     for trial in reruns.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if trial.user_attrs.get(Attr.SOURCE_TRIAL) == source_trial and Attr.TEST in trial.user_attrs:
-            done[trial.user_attrs[Attr.CONFIG]["seed"]] = trial.user_attrs[Attr.TEST]["test_accuracy"]
+            done[trial.user_attrs[Attr.CONFIG]["seed"]] = trial
     return done
+
+
+def confirmed_scores(study: optuna.Study, source_trial: int) -> dict[int, float]:
+    """Seed -> test accuracy of the confirmation reruns of `source_trial` (confirmation_reruns)."""
+    reruns = confirmation_reruns(study, source_trial)
+    return {seed: trial.user_attrs[Attr.TEST]["test_accuracy"] for seed, trial in reruns.items()}
 
 
 def study_name_parts(name: str) -> tuple[str, str]:

@@ -183,6 +183,21 @@ def test_every_training_parameter_is_a_flag_that_reaches_the_config():
     assert cli.train_config(cli.build_parser().parse_args(["train", "--no-patience"])).patience is None
 
 
+def test_train_flags_rebuild_a_config_through_the_train_parser():
+    from dataclasses import asdict, replace
+
+    from fmsearch.config import SETTINGS, TrainConfig, train_flags
+
+    config = TrainConfig(
+        arch="adaptive", lr=0.0012345678901234567, patience=None, debias=False, augment=True,
+        labeled_count=500, unlabeled="pseudo", tau=0.81, warmup_epochs=2, amp=True, threads=3,
+    )  # fmt: skip
+    args = cli.build_parser().parse_args(["train", *train_flags(asdict(config))])
+    assert cli.train_config(args) == replace(config, **dict.fromkeys(SETTINGS))  # left to the machine
+    stated = ["--epochs", "10", "--batch-size", "64", "--patience", "3", "--monitor", "val_loss"]
+    assert train_flags(asdict(TrainConfig())) == stated  # a run's length and stopping rule, always
+
+
 def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
     from fmsearch import cli, data, engine, report, spec, study
     from fmsearch.errors import FmsearchError

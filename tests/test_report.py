@@ -1,21 +1,28 @@
+import math
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 
 import optuna
+import pandas as pd
 import pytest
 from optuna.artifacts import get_all_artifact_meta
-from optuna.distributions import FloatDistribution
+from optuna.distributions import FloatDistribution, IntDistribution
 from optuna_dashboard import get_note
 from PIL import Image
 
-from fmsearch import report, spec, study
-from fmsearch.storage import BestTrialScore, DatabaseArtifactStore, open_storage
+from fmsearch import cli, confirm, report, spec, study
+from fmsearch.config import SETTINGS, TrainConfig
+from fmsearch.storage import Attr, BestTrialScore, DatabaseArtifactStore, confirm_name, open_storage
 from tests.conftest import TINY_STUDY, run_tiny_study, study_text, write_study
 
 pytestmark = pytest.mark.xdist_group("tiny-study")  # one pytest worker runs the session's tiny study
-FIGURES = {"curves.png", "fraction.png", "search.png", "confusion.png"}
+FIGURES = {"curves.png", "fraction.png", "search.png", "classes.png", "confusion.png"}
+CONDITIONS = ("tiny/labels=100%", "tiny/labels=50%")
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +50,10 @@ def test_summary_gives_the_answer_first_then_a_table_per_condition(tiny_report):
     text = summary.read_text()
     lines = text.splitlines()
     assert lines[0] == "# Study `tiny`"
-    assert "labels=100%: test accuracy" in text.split("##")[0]  # the answer comes before any table
-    for name in ("tiny/labels=100%", "tiny/labels=50%"):
+    answer = next(line for line in lines if line.startswith("- "))  # before any table
+    assert re.match(r"- \*\*labels=50%\*\* \(500 labeled images\): full labels \d\.\d{4} \(trial #", answer)
+    assert lines.index(answer) < 10 and "a single run" in answer  # not confirmed: the best trial's own
+    for name in CONDITIONS:
         section = text.split(f"## {name}\n", 1)[1].split("##")[0]
         for row in (
             "validation accuracy",
@@ -204,3 +213,173 @@ def test_two_reports_at_once_upload_each_figure_once(tmp_path, monkeypatch):
     b.join(timeout=60)
     names = sorted(meta.filename for meta in real(optuna.load_study(study_name="race", storage=url)))
     assert names == ["curves.png", "search.png"]
+
+
+def test_trials_csv_holds_every_trial_with_its_condition(tiny_report):
+    storage, summary, _ = tiny_report
+    frame = pd.read_csv(summary.with_name("trials.csv"))
+    total = sum(len(optuna.load_study(study_name=n, storage=storage).trials) for n in CONDITIONS)
+    assert len(frame) == total and set(frame.run) == {"search"}
+    assert set(frame.condition) == {"labels=100%", "labels=50%"}
+    for column in ("best_epoch", "stop_reason", "labeled_images", "seconds", "test_accuracy", "params_lr"):
+        assert column in frame
+    assert not any("history" in column or "config" in column for column in frame)
+    best = frame[frame.best]
+    assert len(best) == 2 and best.test_accuracy.notna().all()  # each condition's best trial was scored
+    assert frame[~frame.best].test_accuracy.isna().all()
+
+
+def test_the_printed_command_trains_each_best_configuration_again(tiny_report):
+    storage, summary, _ = tiny_report
+    text = summary.read_text()
+    for name in CONDITIONS:
+        section = text.split(f"## {name}\n", 1)[1].split("\n## ")[0]
+        (command,) = [line for line in section.splitlines() if line.startswith("fmsearch train ")]
+        args = cli.build_parser().parse_args(shlex.split(command)[1:])
+        best = optuna.load_study(study_name=name, storage=storage).best_trial
+        stored = TrainConfig(**best.user_attrs[Attr.CONFIG])
+        assert cli.train_config(args) == replace(stored, **dict.fromkeys(SETTINGS))
+        assert args.val_size == 200 and args.pool_limit is None  # the tiny study's data
+
+
+TAU_STUDY = """
+description = "tau searched at 500 labels"
+trials = 2
+max_epochs = 1
+batch_size = 32
+patience = 1
+
+[sampler]
+name = "random"
+seed = 0
+
+[pruner]
+name = "none"
+
+[fixed]
+optimizer = "adam"
+unlabeled = "pseudo"
+
+[conditions]
+labeled_count = [500]
+
+[space]
+lr = { low = 1e-3, high = 3e-3, log = true }
+tau = { low = 0.8, high = 0.95 }
+"""
+
+
+def test_every_searched_dimension_gets_a_panel_and_a_count_condition_its_count(tmp_path, tiny):
+    run = run_tiny_study(tmp_path, tiny, TAU_STUDY, name="counted")
+    (condition,) = report.load_conditions(run.storage, "counted")
+    assert condition.label == "labels=500" and condition.budget == "labels=500"
+    assert not condition.is_full and condition.arm == "pseudo" and condition.labeled_images == 500
+    dimensions = {d.name: d for d in report.searched_dimensions([condition])}
+    assert set(dimensions) == {"lr", "tau"} and dimensions["lr"].log and not dimensions["tau"].log
+    figure = report.draw_search([condition])
+    titles = [ax.get_title().splitlines()[0] for ax in figure.axes if ax.get_visible() and ax.get_title()]
+    report.plt.close(figure)
+    assert titles == ["optimization history (line: best so far)", "lr", "tau"]
+    summary, _ = report.write_report(run.storage, "counted", tmp_path / "results")
+    counted = "- **labels=500** (500 labeled images): no full-labels condition; no labels-only condition; "
+    assert counted + "with pseudo " in summary.read_text()
+
+
+@pytest.fixture(scope="module")
+def confirmed_report(tiny_study, tiny_splits, tmp_path_factory):
+    """The tiny study confirmed on 2 new seeds (fmsearch confirm, in-process), then reported."""
+    folder = tmp_path_factory.mktemp("confirmed")
+    shutil.copy(tiny_study.storage.removeprefix("sqlite:///"), folder / "studies.db")
+    rdb = open_storage(f"sqlite:///{folder}/studies.db")
+    confirming = spec.parse(write_study(folder, TINY_STUDY + "\n[confirm]\nseeds = 2\n"))
+    confirm.confirm(confirming, rdb, tiny_splits, folder / "results")
+    return rdb, *report.write_report(rdb, "tiny", folder / "results")
+
+
+def test_a_confirmed_study_opens_with_means_and_spreads_and_draws_the_budgets(confirmed_report):
+    rdb, summary, images = confirmed_report
+    assert {"fraction.png", "classes.png"} <= {p.name for p in images}
+    lines = summary.read_text().splitlines()
+    answer = next(i for i, line in enumerate(lines) if line.startswith("- "))
+    spread = r"\d\.\d{4} ± \d\.\d{4} \(n=2\)"
+    assert re.match(rf"- \*\*labels=50%\*\* \(500 labeled images\): full labels {spread}; ", lines[answer])
+    assert re.search(rf"(labels alone|with pseudo) {spread}", lines[answer])
+    assert "a single run" not in lines[answer]
+    assert "SE of the difference" in lines[answer + 1] and "spreads" in lines[answer + 1]
+    frame = pd.read_csv(summary.with_name("trials.csv"))
+    reruns = frame[frame.run == "confirmation"]
+    assert len(reruns) == 4 and set(reruns.seed) == {1, 2} and reruns.test_accuracy.notna().all()
+    assert set(reruns.study) == {confirm_name(n) for n in CONDITIONS}
+
+
+def test_a_difference_gives_both_spreads_and_the_standard_error_of_the_difference():
+    def score(*accuracies):
+        return report.Score(accuracies, (), (), 0, True)
+
+    apart = report.difference(
+        "distill against labels alone", score(0.85, 0.86, 0.87), score(0.80, 0.81, 0.82)
+    )
+    se = math.sqrt(0.01**2 / 3 + 0.01**2 / 3)
+    assert "+0.0500 (0.8600 ± 0.0100 (n=3) against 0.8100 ± 0.0100 (n=3)" in apart
+    assert f"SE of the difference {se:.4f}" in apart and apart.endswith("do not overlap")
+    close = report.difference("x", score(0.81, 0.83), score(0.80, 0.82))
+    assert close.endswith("the ± spreads overlap")
+    single = report.difference("x", score(0.81), score(0.80, 0.82))
+    assert "a single run" in single and "SE" not in single
+
+
+def _stored(url: str, name: str, condition: dict, values: list[float], tests: list[float], **params) -> None:
+    """A condition's study written straight into storage as `fmsearch study` and `confirm` leave it."""
+    made = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    made.set_user_attr(Attr.FINGERPRINT, {"condition": condition, "fixed": {}, "space": {}, "max_epochs": 2})
+    distributions = {"warmup_epochs": IntDistribution(0, 5), "dropout": FloatDistribution(0.0, 0.5)}
+    config = {**condition, "monitor": "val_accuracy"}
+    for value in values:
+        made.add_trial(
+            optuna.trial.create_trial(
+                value=value,
+                params=params,
+                distributions={k: distributions[k] for k in params},
+                user_attrs={Attr.CONFIG: config, Attr.LABELED_IMAGES: condition.get("labeled_count", 1000)},
+            )
+        )
+    best = made.best_trial.number
+    rerun = optuna.create_study(study_name=confirm_name(name), storage=url, direction="maximize")
+    for seed, accuracy in enumerate(tests, start=1):
+        test = {"test_loss": 0.5, "test_accuracy": accuracy, "test_recall": [accuracy] * 10}
+        attrs = {Attr.CONFIG: {**config, "seed": seed}, Attr.SOURCE_TRIAL: best, Attr.TEST: test}
+        rerun.add_trial(optuna.trial.create_trial(value=0.5, user_attrs=attrs))
+
+
+def test_the_answer_gives_the_share_of_the_lost_accuracy_won_back(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    _stored(url, "few/labels=100%", {"labeled_fraction": 1.0}, [0.9], [0.90, 0.92])
+    low = {"labeled_count": 100}
+    _stored(url, "few/labels=100,unlabeled=skip", {**low, "unlabeled": "skip"}, [0.7], [0.70, 0.72])
+    _stored(url, "few/labels=100,unlabeled=vat", {**low, "unlabeled": "vat"}, [0.8], [0.76, 0.78])
+    conditions = report.load_conditions(url, "few")
+    assert [c.label for c in conditions] == [
+        "labels=100%", "labels=100,unlabeled=skip", "labels=100,unlabeled=vat"
+    ]  # fmt: skip
+    line = report.answer_lines(conditions)[0]
+    assert line == (
+        "- **labels=100** (100 labeled images): full labels 0.9100 ± 0.0141 (n=2); labels alone 0.7100 ± "
+        "0.0141 (n=2); with vat 0.7700 ± 0.0141 (n=2); the unlabeled images won back 30% of the accuracy "
+        "lost without labels."
+    )
+
+
+def test_a_best_value_at_the_edge_of_an_int_or_float_range_is_warned_about(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    _stored(url, "edge", {}, [0.8], [], warmup_epochs=5, dropout=0.0)
+    (condition,) = report.load_conditions(url, "edge")
+    text = report.summary_markdown("edge", [condition], [], "")
+    assert "Note: best warmup_epochs = 5 is at the high edge of its range [0, 5]; widen it" in text
+    assert (
+        "Note: best dropout = 0 is at the low edge of its range [0, 0.5], which is as far as dropout goes"
+        in text
+    )
+    figure = report.draw_search([condition])
+    titles = {ax.get_title() for ax in figure.axes}
+    report.plt.close(figure)
+    assert "warmup_epochs\nbest at the edge of its range in edge" in titles
