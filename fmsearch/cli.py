@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -115,6 +116,23 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
+
+
+TIME_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([hms])")
+
+
+def _time_budget(text: str) -> float:
+    """'1h', '90m', '45s', '1h30m' or plain seconds ('600') -> seconds."""
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
+        seconds = float(text)
+    elif re.fullmatch(f"({TIME_PART.pattern})+", text):
+        scale = {"h": 3600, "m": 60, "s": 1}
+        seconds = sum(float(number) * scale[unit] for number, unit in TIME_PART.findall(text))
+    else:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write e.g. 1h, 90m, 1h30m or 600s")
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} leaves no time: give a duration above zero")
+    return seconds
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:
@@ -278,8 +296,10 @@ def cmd_study(args: argparse.Namespace) -> None:
     from fmsearch import cost, engine, spec, study
 
     workers.catch_termination()  # a scheduler's time limit stops the trials as Ctrl-C does
+    started = time.time()
     study_spec = spec.parse(spec.find(args.name, STUDIES_DIR)).overridden(args.trials, args.epochs)
     options = study.RunOptions(
+        deadline=started + args.time if args.time else None,
         storage=args.storage,
         jobs=args.jobs,
         device=engine.resolve_device(args.device),
@@ -297,18 +317,24 @@ def cmd_study(args: argparse.Namespace) -> None:
     plan = cost.plan(study_spec, splits)
     print(f"study {study_spec.name}: {study_spec.description}")
     print(f"storage {storage.mask(options.storage)}; watch it live with `make dashboard`")
+    epochs = sorted({c.max_epochs for c in plan.conditions})
     print(
-        f"cost: at most {len(plan.conditions)} conditions x {plan.trials} trials x {plan.max_epochs} epochs, "
-        f"each epoch timed here ({describe_execution(plan.execution)}):"
+        f"cost: at most {len(plan.conditions)} conditions x {plan.trials} trials x "
+        f"{'/'.join(map(str, epochs))} epochs, each epoch timed here ({describe_execution(plan.execution)}):"
     )
     for condition in plan.conditions:
         epochs = ", ".join(f"{name} {seconds:.1f}" for name, seconds in condition.epoch_seconds.items())
-        teachers = f"; teachers {_duration(condition.teacher_seconds)}" if condition.teacher_seconds else ""
-        print(f"  {condition.study_name}: s/epoch {epochs}{teachers}")
+        teams = (
+            f"; teachers {condition.teams} x {_duration(condition.team_seconds)}" if condition.teams else ""
+        )
+        print(f"  {condition.study_name}: {condition.max_epochs} epochs, s/epoch {epochs}{teams}")
     print(
-        f"  = {_duration(plan.max_seconds)} at most (pruning, early stopping and cached teachers cut this); "
-        "smaller: --trials, --epochs, or STUDY=smoke"
+        f"  = {_duration(plan.search_seconds)} of search and {_duration(plan.confirm_seconds)} of "
+        f"confirmation ({plan.confirm_seeds} seeds) at most: {_duration(plan.max_seconds)} (pruning, early "
+        "stopping and cached teachers cut this); smaller: --trials, --epochs, --time, or STUDY=smoke"
     )
+    if args.time:
+        print(f"  time budget {_duration(args.time)}: no trial starts after it; rerunning resumes")
     summaries = study.run(study_spec, options, ConsoleReporter, splits)
     for summary in summaries:
         states = ", ".join(f"{n.lower()} {c}" for n, c in sorted(summary.states.items()))
@@ -320,6 +346,13 @@ def cmd_study(args: argparse.Namespace) -> None:
         print(f", test_accuracy {summary.test.test_accuracy:.4f}" if summary.test else "")
         for key, value in summary.best_params.items():
             print(f"  {key:>16} = {value:.4g}" if isinstance(value, float) else f"  {key:>16} = {value}")
+    short = [s for s in summaries if s.finished < study_spec.trials]
+    if short and options.out_of_time():
+        finished = ", ".join(f"{s.study_name} {s.finished}/{study_spec.trials}" for s in short)
+        print(
+            f"\ntime budget {_duration(args.time)} reached: no trial started after it; finished {finished}. "
+            "Run the same command to resume."
+        )
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -467,6 +500,12 @@ def _add_study_command(sub) -> None:
     p.add_argument("--storage", type=_storage_url, default=storage.default_url(), help=STORAGE_HELP)
     p.add_argument("--device", type=_device, help=DEVICE_HELP)
     p.add_argument("--epochs", type=_positive_int, help="max epochs per trial (default: the file's)")
+    p.add_argument(
+        "--time",
+        type=_time_budget,
+        help="wall-clock budget, e.g. 1h or 90m: no trial starts after it, and rerunning resumes "
+        "(default: none, run to the trials)",
+    )
     p.add_argument(
         "--heartbeat", type=_positive_int, default=5, help="seconds between trial heartbeats (default 5)"
     )

@@ -2,8 +2,9 @@
 
 It times the path a trial runs, as bench.py does for the training epoch: one epoch of each
 condition's configurations through engine.time_epoch, with this machine's speed settings, plus the
-teachers a distill condition may train. The bound assumes every trial runs every epoch and no
-teacher is cached, so a study that prunes, stops early or reuses teachers finishes sooner.
+teachers a distill condition may train, then the confirmation reruns. The bound assumes every trial
+runs every epoch and no teacher is cached, so a study that prunes, stops early or reuses teachers
+finishes sooner.
 """
 
 from __future__ import annotations
@@ -45,8 +46,18 @@ def representatives(spec: StudySpec, condition: dict[str, Any]) -> list[engine.T
 @dataclass
 class ConditionCost:
     study_name: str
+    max_epochs: int
     epoch_seconds: dict[str, float]  # unlabeled objective -> measured seconds of one epoch
-    teacher_seconds: float = 0.0  # training every teacher its trials can ask for, none cached
+    team_seconds: float = 0.0  # training one team of teachers (one architecture, one seed)
+    teams: int = 0  # the teams its search can ask for: one per architecture, none cached
+
+    def search_seconds(self, trials: int) -> float:
+        return trials * self.max_epochs * max(self.epoch_seconds.values()) + self.teams * self.team_seconds
+
+    def confirm_seconds(self, seeds: int) -> float:
+        """The best configuration on `seeds` new seeds: a distill rerun trains its own seed's team."""
+        team = self.team_seconds if self.teams else 0.0
+        return seeds * (self.max_epochs * max(self.epoch_seconds.values()) + team)
 
 
 @dataclass
@@ -54,26 +65,29 @@ class Plan:
     """What a study costs at most on this machine: every trial runs every epoch, no teacher is cached."""
 
     trials: int
-    max_epochs: int
+    confirm_seeds: int
     execution: speed.Execution
     conditions: list[ConditionCost]
 
     @property
+    def search_seconds(self) -> float:
+        return sum(c.search_seconds(self.trials) for c in self.conditions)
+
+    @property
+    def confirm_seconds(self) -> float:
+        return sum(c.confirm_seconds(self.confirm_seeds) for c in self.conditions)
+
+    @property
     def max_seconds(self) -> float:
-        return sum(
-            self.trials * self.max_epochs * max(c.epoch_seconds.values()) + c.teacher_seconds
-            for c in self.conditions
-        )
+        return self.search_seconds + self.confirm_seconds
 
 
-def _teacher_seconds(
-    config: engine.TrainConfig, splits: data.Splits, run: speed.Execution, archs: int
-) -> float:
-    """Training `config.teachers` teachers for each of `archs` architectures, and their logits."""
+def _team_seconds(config: engine.TrainConfig, splits: data.Splits, run: speed.Execution) -> float:
+    """Training `config.teachers` teachers of one architecture and one seed, and their logits."""
     cost = engine.time_epoch(teachers.recipe(config, 0), splits, run)
     images = len(splits.train_labels) + len(splits.val_labels) + len(splits.test_labels)
     logits = cost.validation * 2 * images / len(splits.val_labels)  # the image and its mirror
-    return archs * config.teachers * (config.teacher_epochs * cost.seconds + logits)
+    return config.teachers * (config.teacher_epochs * cost.seconds + logits)
 
 
 def plan(spec: StudySpec, splits: data.Splits) -> Plan:
@@ -86,11 +100,12 @@ def plan(spec: StudySpec, splits: data.Splits) -> Plan:
     archs = len(arch.choices) if isinstance(arch, Categorical) else 1
     device = splits.train_images.device
     for condition in spec.condition_list():
-        cost = ConditionCost(spec.study_name(condition), {})
+        cost = ConditionCost(spec.study_name(condition), spec.setting("max_epochs", condition), {})
         for config in representatives(spec, condition):
             run = speed.settle(config, device)
             cost.epoch_seconds[config.unlabeled] = engine.time_epoch(config, splits, run).seconds
             if config.unlabeled == "distill":
-                cost.teacher_seconds = _teacher_seconds(config, splits, run, archs)
+                cost.team_seconds, cost.teams = _team_seconds(config, splits, run), archs
         conditions.append(cost)
-    return Plan(spec.trials, spec.max_epochs, speed.settle(engine.TrainConfig(), device), conditions)
+    execution = speed.settle(engine.TrainConfig(), device)
+    return Plan(spec.trials, spec.confirm.seeds, execution, conditions)
