@@ -293,11 +293,13 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from fmsearch import cost, engine, spec, study
+    from fmsearch import spec
 
     workers.catch_termination()  # a scheduler's time limit stops the trials as Ctrl-C does
     started = time.time()
     study_spec = spec.parse(spec.find(args.name, STUDIES_DIR)).overridden(args.trials, args.epochs)
+    from fmsearch import cost, engine, study  # torch: a bad study file is refused before it loads
+
     options = study.RunOptions(
         deadline=started + args.time if args.time else None,
         storage=args.storage,
@@ -307,7 +309,7 @@ def cmd_study(args: argparse.Namespace) -> None:
         heartbeat_interval=args.heartbeat,
         grace_period=4 * args.heartbeat,
     )
-    study.quiet_optuna()
+    storage.quiet_optuna()
     print(f"data: {_ensure_data()}")
     splits = study.load_splits(study_spec, options)  # a pool_limit the data cannot meet stops here
     archived = study.prepare(study_spec, options, archive_changed=args.archive_changed)
@@ -356,9 +358,9 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from fmsearch import report, study
+    from fmsearch import report
 
-    study.quiet_optuna()
+    storage.quiet_optuna()
     rdb = storage.open_storage(args.storage)
     summary, images = report.write_report(rdb, args.name, RESULTS_DIR, storage.DatabaseArtifactStore(rdb))
     print(f"wrote {summary} and {', '.join(p.name for p in images)}; the dashboard shows them too")
@@ -367,8 +369,6 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_dashboard(args: argparse.Namespace) -> None:
     import optuna_dashboard
 
-    from fmsearch import study
-
     remote = not _is_loopback(args.host)
     if remote and not args.allow_remote:
         raise UsageError(
@@ -376,7 +376,7 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
             "who reaches it can delete studies; keep the default 127.0.0.1 (an SSH tunnel reaches it "
             "from elsewhere), or add --allow-remote"
         )
-    study.quiet_optuna()
+    storage.quiet_optuna()
     rdb = storage.open_storage(args.storage)
     if remote:
         print(
@@ -526,7 +526,7 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     workers.catch_termination()
     study_spec = spec.parse(spec.find(args.name, STUDIES_DIR))
     options = study.RunOptions(storage=args.storage, device=engine.resolve_device(args.device))
-    study.quiet_optuna()
+    storage.quiet_optuna()
     rdb = storage.open_storage(options.storage)
     known = set(optuna.get_all_study_names(storage=rdb))
     missing = [n for n in map(study_spec.study_name, study_spec.condition_list()) if n not in known]

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -91,13 +90,6 @@ class Reporter(Protocol):
     def trial_progress(self, study_name: str, number: int, max_epochs: int) -> TrialProgress: ...
     def trial_end(self, outcome: TrialOutcome) -> None: ...
     def warn(self, line: str) -> None: ...  # a problem the run goes on through
-
-
-def quiet_optuna() -> None:
-    """Keep Optuna's own logging and experimental/deprecation warnings out of the terminal."""
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
 
 
 def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -305,7 +297,7 @@ def work(
     `splits` and `rdb` are the caller's where it runs in the same process, else loaded and opened here.
     Raises StudyError after MAX_CONSECUTIVE_CRASHES trials in a row raised an error.
     """
-    quiet_optuna()
+    storage.quiet_optuna()
     storage.quiet_background_faults()
     splits = splits if splits is not None else load_splits(spec, options)
     rdb = rdb or storage.open_storage(options.storage, options.heartbeat_interval, options.grace_period)
