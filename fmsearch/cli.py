@@ -316,27 +316,13 @@ def cmd_study(args: argparse.Namespace) -> None:
     for old, new in archived.items():
         spec_name = storage.study_name_parts(new)[0]
         print(f"archived {old} as {new} (its trials are kept; `fmsearch report {spec_name}`)")
-    plan = cost.plan(study_spec, splits)
     print(f"study {study_spec.name}: {study_spec.description}")
     print(f"storage {storage.mask(options.storage)}; watch it live with `make dashboard`")
-    epochs = sorted({c.max_epochs for c in plan.conditions})
-    print(
-        f"cost: at most {len(plan.conditions)} conditions x {plan.trials} trials x "
-        f"{'/'.join(map(str, epochs))} epochs, each epoch timed here ({describe_execution(plan.execution)}):"
-    )
-    for condition in plan.conditions:
-        epochs = ", ".join(f"{name} {seconds:.1f}" for name, seconds in condition.epoch_seconds.items())
-        teams = (
-            f"; teachers {condition.teams} x {_duration(condition.team_seconds)}" if condition.teams else ""
-        )
-        print(f"  {condition.study_name}: {condition.max_epochs} epochs, s/epoch {epochs}{teams}")
-    print(
-        f"  = {_duration(plan.search_seconds)} of search and {_duration(plan.confirm_seconds)} of "
-        f"confirmation ({plan.confirm_seeds} seeds) at most: {_duration(plan.max_seconds)} (pruning, early "
-        "stopping and cached teachers cut this); smaller: --trials, --epochs, --time, or STUDY=smoke"
-    )
-    if args.time:
-        print(f"  time budget {_duration(args.time)}: no trial starts after it; rerunning resumes")
+    left = study.trials_left(study_spec, options)
+    if any(left.values()):
+        _print_plan(cost.plan(study_spec, splits, left), args.time)
+    else:
+        print(f"every condition has its {study_spec.trials} finished trials: nothing left to search")
     summaries = study.run(study_spec, options, ConsoleReporter, splits)
     for summary in summaries:
         states = ", ".join(f"{n.lower()} {c}" for n, c in sorted(summary.states.items()))
@@ -355,6 +341,29 @@ def cmd_study(args: argparse.Namespace) -> None:
             f"\ntime budget {_duration(args.time)} reached: no trial started after it; finished {finished}. "
             "Run the same command to resume."
         )
+
+
+def _print_plan(plan, time_budget: float | None) -> None:
+    """What the rest of a study costs at most (cost.Plan), per condition, then in all."""
+    epochs = sorted({c.max_epochs for c in plan.conditions if c.trials})
+    print(
+        f"cost: at most {sum(c.trials for c in plan.conditions)} trials of {'/'.join(map(str, epochs))} "
+        f"epochs, each epoch timed here ({describe_execution(plan.execution)}):"
+    )
+    for c in plan.conditions:
+        if not c.trials:
+            print(f"  {c.study_name}: searched")
+            continue
+        epochs = ", ".join(f"{name} {seconds:.1f}" for name, seconds in c.epoch_seconds.items())
+        teams = f"; teachers {c.teams} x {_duration(c.team_seconds)}" if c.teams else ""
+        print(f"  {c.study_name}: {c.trials} trials x {c.max_epochs} epochs, s/epoch {epochs}{teams}")
+    print(
+        f"  = {_duration(plan.search_seconds)} of search and {_duration(plan.confirm_seconds)} of "
+        f"confirmation ({plan.confirm_seeds} seeds) at most: {_duration(plan.max_seconds)} (pruning, early "
+        "stopping and cached teachers cut this); smaller: --trials, --epochs, --time, or STUDY=smoke"
+    )
+    if time_budget:
+        print(f"  time budget {_duration(time_budget)}: no trial starts after it; rerunning resumes")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -47,15 +47,21 @@ def representatives(spec: StudySpec, condition: dict[str, Any]) -> list[engine.T
 class ConditionCost:
     study_name: str
     max_epochs: int
-    epoch_seconds: dict[str, float]  # unlabeled objective -> measured seconds of one epoch
+    trials: int  # still to run: a resumed study costs what is left
+    epoch_seconds: dict[str, float]  # unlabeled objective -> measured seconds of one epoch; {}: none left
     team_seconds: float = 0.0  # training one team of teachers (one architecture, one seed)
     teams: int = 0  # the teams its search can ask for: one per architecture, none cached
 
-    def search_seconds(self, trials: int) -> float:
-        return trials * self.max_epochs * max(self.epoch_seconds.values()) + self.teams * self.team_seconds
+    def search_seconds(self) -> float:
+        if not self.trials:
+            return 0.0
+        epochs = self.trials * self.max_epochs * max(self.epoch_seconds.values())
+        return epochs + self.teams * self.team_seconds
 
     def confirm_seconds(self, seeds: int) -> float:
         """The best configuration on `seeds` new seeds: a distill rerun trains its own seed's team."""
+        if not self.trials:
+            return 0.0  # searched already: `fmsearch confirm` reruns only the seeds it lacks
         team = self.team_seconds if self.teams else 0.0
         return seeds * (self.max_epochs * max(self.epoch_seconds.values()) + team)
 
@@ -64,14 +70,13 @@ class ConditionCost:
 class Plan:
     """What a study costs at most on this machine: every trial runs every epoch, no teacher is cached."""
 
-    trials: int
     confirm_seeds: int
     execution: speed.Execution
     conditions: list[ConditionCost]
 
     @property
     def search_seconds(self) -> float:
-        return sum(c.search_seconds(self.trials) for c in self.conditions)
+        return sum(c.search_seconds() for c in self.conditions)
 
     @property
     def confirm_seconds(self) -> float:
@@ -90,22 +95,25 @@ def _team_seconds(config: engine.TrainConfig, splits: data.Splits, run: speed.Ex
     return config.teachers * (config.teacher_epochs * cost.seconds + logits)
 
 
-def plan(spec: StudySpec, splits: data.Splits) -> Plan:
+def plan(spec: StudySpec, splits: data.Splits, left: dict[str, int] | None = None) -> Plan:
     """Time one epoch of each condition's configs on the path `fit` runs, with this machine's settings.
 
-    Creates nothing; takes a few seconds per condition and objective.
+    `left`: trials still to run per study name (default: all of them); a condition with none left is
+    not timed. Creates nothing; takes a few seconds per condition and objective.
     """
     conditions = []
     arch = spec.space.get("arch")
     archs = len(arch.choices) if isinstance(arch, Categorical) else 1
     device = splits.train_images.device
     for condition in spec.condition_list():
-        cost = ConditionCost(spec.study_name(condition), spec.setting("max_epochs", condition), {})
-        for config in representatives(spec, condition):
+        name = spec.study_name(condition)
+        trials = spec.trials if left is None else left.get(name, spec.trials)
+        cost = ConditionCost(name, spec.setting("max_epochs", condition), trials, {})
+        for config in representatives(spec, condition) if trials else ():
             run = speed.settle(config, device)
             cost.epoch_seconds[config.unlabeled] = engine.time_epoch(config, splits, run).seconds
             if config.unlabeled == "distill":
                 cost.team_seconds, cost.teams = _team_seconds(config, splits, run), archs
         conditions.append(cost)
     execution = speed.settle(engine.TrainConfig(), device)
-    return Plan(spec.trials, spec.confirm.seeds, execution, conditions)
+    return Plan(spec.confirm.seeds, execution, conditions)

@@ -159,6 +159,18 @@ def prepare(spec: StudySpec, options: RunOptions, archive_changed: bool = False)
     return archived
 
 
+def trials_left(spec: StudySpec, options: RunOptions) -> dict[str, int]:
+    """Per condition's study, the trials still to run before it has spec.trials finished ones."""
+    rdb = storage.open_storage(options.storage, options.heartbeat_interval, options.grace_period)
+    left = {}
+    for condition in spec.condition_list():
+        name = spec.study_name(condition)
+        trials = optuna.load_study(study_name=name, storage=rdb).get_trials(deepcopy=False)
+        left[name] = max(0, spec.trials - sum(map(is_finished, trials)))
+    rdb.engine.dispose()
+    return left
+
+
 @dataclass
 class Objective:
     """One condition's objective for study.optimize: a trial is one configuration run to its end."""

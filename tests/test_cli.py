@@ -137,7 +137,8 @@ def test_a_short_study_on_real_data_runs_reports_and_resumes(tmp_path):
     first = fmsearch("study", smoke, "--trials", "1", "--epochs", "2", "--storage", storage, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout
-    assert "cost: at most 2 conditions x 1 trials x 2 epochs" in out and "smaller: --trials, --epochs" in out
+    assert "cost: at most 2 trials of 2 epochs" in out and "smaller: --trials, --epochs, --time" in out
+    assert "smoke/labels=10%: 1 trials x 2 epochs" in out and "of confirmation (1 seeds)" in out
     assert "smoke/labels=100% #0 COMPLETE" in out and "smoke/labels=10% #0 COMPLETE" in out
     assert "test_accuracy" in out
     for name in ("smoke/labels=100%", "smoke/labels=10%"):
@@ -147,6 +148,7 @@ def test_a_short_study_on_real_data_runs_reports_and_resumes(tmp_path):
 
     again = fmsearch("study", smoke, "--trials", "1", "--epochs", "2", "--storage", storage, cwd=tmp_path)
     assert again.returncode == 0 and "#1" not in again.stdout  # resumed: nothing left to run
+    assert "nothing left to search" in again.stdout and "cost:" not in again.stdout  # and nothing timed
 
     report = fmsearch("report", "smoke", "--storage", storage, cwd=tmp_path)
     assert report.returncode == 0, report.stderr
