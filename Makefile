@@ -7,6 +7,7 @@ STUDY ?= smoke
 TRIALS ?=
 JOBS ?= 1
 EPOCHS ?=
+TIME ?=
 DEVICE ?=
 PORT ?= 8080
 STORAGE ?=
@@ -26,14 +27,15 @@ endif
 q = '$(subst ','\'',$(1))'
 qw = $(foreach word,$(1),$(call q,$(word)))
 study_flags = $(if $(TRIALS),--trials $(call q,$(TRIALS))) --jobs $(call q,$(JOBS)) \
-	$(if $(EPOCHS),--epochs $(call q,$(EPOCHS))) $(if $(DEVICE),--device $(call q,$(DEVICE)))
+	$(if $(EPOCHS),--epochs $(call q,$(EPOCHS))) $(if $(TIME),--time $(call q,$(TIME))) \
+	$(if $(DEVICE),--device $(call q,$(DEVICE)))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data test lint format train study report dashboard bench browser postgres clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
-	@printf '  variables: STUDY=%s TRIALS= JOBS=%s EPOCHS= DEVICE= PORT=%s ARGS=\n' $(call q,$(STUDY)) \
+	@printf '  variables: STUDY=%s TRIALS= JOBS=%s EPOCHS= TIME= DEVICE= PORT=%s ARGS=\n' $(call q,$(STUDY)) \
 		$(call q,$(JOBS)) $(call q,$(PORT))
 	@echo "             STORAGE= (default: \$$FMSEARCH_STORAGE, else sqlite:///results/studies.db)"
 
@@ -85,7 +87,7 @@ format: $(STAMP) ## ruff format in place
 train: data ## train one configuration: make train ARGS="--arch adaptive --epochs 10"
 	$(BIN)/fmsearch train $(call qw,$(ARGS))
 
-study: data ## run or resume a study, confirm its bests on new seeds, then report: make study STUDY=semi [TRIALS=] [JOBS=]
+study: data ## run or resume a study, confirm its bests on new seeds, then report: make study STUDY=semi [TRIALS=] [JOBS=] [TIME=1h]
 	$(BIN)/fmsearch study $(call q,$(STUDY)) $(study_flags)
 	$(BIN)/fmsearch confirm $(call q,$(STUDY))
 	$(BIN)/fmsearch report $(call q,$(STUDY))

@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -115,6 +116,23 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
+
+
+TIME_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([hms])")
+
+
+def _time_budget(text: str) -> float:
+    """'1h', '90m', '45s', '1h30m' or plain seconds ('600') -> seconds."""
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
+        seconds = float(text)
+    elif re.fullmatch(f"({TIME_PART.pattern})+", text):
+        scale = {"h": 3600, "m": 60, "s": 1}
+        seconds = sum(float(number) * scale[unit] for number, unit in TIME_PART.findall(text))
+    else:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write e.g. 1h, 90m, 1h30m or 600s")
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} leaves no time: give a duration above zero")
+    return seconds
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:
@@ -278,11 +296,15 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from fmsearch import cost, engine, spec, study
+    from fmsearch import spec
 
     workers.catch_termination()  # a scheduler's time limit stops the trials as Ctrl-C does
+    started = time.time()
     study_spec = spec.parse(spec.find(args.name, STUDIES_DIR)).overridden(args.trials, args.epochs)
+    from fmsearch import cost, engine, study  # torch: a bad study file is refused before it loads
+
     options = study.RunOptions(
+        deadline=started + args.time if args.time else None,
         storage=args.storage,
         jobs=args.jobs,
         device=engine.resolve_device(args.device),
@@ -290,28 +312,20 @@ def cmd_study(args: argparse.Namespace) -> None:
         heartbeat_interval=args.heartbeat,
         grace_period=4 * args.heartbeat,
     )
-    study.quiet_optuna()
+    storage.quiet_optuna()
     print(f"data: {_ensure_data()}")
     splits = study.load_splits(study_spec, options)  # a pool_limit the data cannot meet stops here
     archived = study.prepare(study_spec, options, archive_changed=args.archive_changed)
     for old, new in archived.items():
         spec_name = storage.study_name_parts(new)[0]
         print(f"archived {old} as {new} (its trials are kept; `fmsearch report {spec_name}`)")
-    plan = cost.plan(study_spec, splits)
     print(f"study {study_spec.name}: {study_spec.description}")
     print(f"storage {storage.mask(options.storage)}; watch it live with `make dashboard`")
-    print(
-        f"cost: at most {len(plan.conditions)} conditions x {plan.trials} trials x {plan.max_epochs} epochs, "
-        f"each epoch timed here ({describe_execution(plan.execution)}):"
-    )
-    for condition in plan.conditions:
-        epochs = ", ".join(f"{name} {seconds:.1f}" for name, seconds in condition.epoch_seconds.items())
-        teachers = f"; teachers {_duration(condition.teacher_seconds)}" if condition.teacher_seconds else ""
-        print(f"  {condition.study_name}: s/epoch {epochs}{teachers}")
-    print(
-        f"  = {_duration(plan.max_seconds)} at most (pruning, early stopping and cached teachers cut this); "
-        "smaller: --trials, --epochs, or STUDY=smoke"
-    )
+    left = study.trials_left(study_spec, options)
+    if any(left.values()):
+        _print_plan(cost.plan(study_spec, splits, left), args.time)
+    else:
+        print(f"every condition has its {study_spec.trials} finished trials: nothing left to search")
     summaries = study.run(study_spec, options, ConsoleReporter, splits)
     for summary in summaries:
         states = ", ".join(f"{n.lower()} {c}" for n, c in sorted(summary.states.items()))
@@ -323,12 +337,42 @@ def cmd_study(args: argparse.Namespace) -> None:
         print(f", test_accuracy {summary.test.test_accuracy:.4f}" if summary.test else "")
         for key, value in summary.best_params.items():
             print(f"  {key:>16} = {value:.4g}" if isinstance(value, float) else f"  {key:>16} = {value}")
+    short = [s for s in summaries if s.finished < study_spec.trials]
+    if short and options.out_of_time():
+        finished = ", ".join(f"{s.study_name} {s.finished}/{study_spec.trials}" for s in short)
+        print(
+            f"\ntime budget {_duration(args.time)} reached: no trial started after it; finished {finished}. "
+            "Run the same command to resume."
+        )
+
+
+def _print_plan(plan, time_budget: float | None) -> None:
+    """What the rest of a study costs at most (cost.Plan), per condition, then in all."""
+    epochs = sorted({c.max_epochs for c in plan.conditions if c.trials})
+    print(
+        f"cost: at most {sum(c.trials for c in plan.conditions)} trials of {'/'.join(map(str, epochs))} "
+        f"epochs, each epoch timed here ({describe_execution(plan.execution)}):"
+    )
+    for c in plan.conditions:
+        if not c.trials:
+            print(f"  {c.study_name}: searched")
+            continue
+        epochs = ", ".join(f"{name} {seconds:.1f}" for name, seconds in c.epoch_seconds.items())
+        teams = f"; teachers {c.teams} x {_duration(c.team_seconds)}" if c.teams else ""
+        print(f"  {c.study_name}: {c.trials} trials x {c.max_epochs} epochs, s/epoch {epochs}{teams}")
+    print(
+        f"  = {_duration(plan.search_seconds)} of search and {_duration(plan.confirm_seconds)} of "
+        f"confirmation ({plan.confirm_seeds} seeds) at most: {_duration(plan.max_seconds)} (pruning, early "
+        "stopping and cached teachers cut this); smaller: --trials, --epochs, --time, or STUDY=smoke"
+    )
+    if time_budget:
+        print(f"  time budget {_duration(time_budget)}: no trial starts after it; rerunning resumes")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from fmsearch import report, study
+    from fmsearch import report
 
-    study.quiet_optuna()
+    storage.quiet_optuna()
     rdb = storage.open_storage(args.storage)
     summary, images = report.write_report(rdb, args.name, RESULTS_DIR, storage.DatabaseArtifactStore(rdb))
     figures = ", ".join(p.name for p in images)
@@ -338,8 +382,6 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_dashboard(args: argparse.Namespace) -> None:
     import optuna_dashboard
 
-    from fmsearch import study
-
     remote = not _is_loopback(args.host)
     if remote and not args.allow_remote:
         raise UsageError(
@@ -347,7 +389,7 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
             "who reaches it can delete studies; keep the default 127.0.0.1 (an SSH tunnel reaches it "
             "from elsewhere), or add --allow-remote"
         )
-    study.quiet_optuna()
+    storage.quiet_optuna()
     rdb = storage.open_storage(args.storage)
     if remote:
         print(
@@ -473,6 +515,12 @@ def _add_study_command(sub) -> None:
     p.add_argument("--device", type=_device, help=DEVICE_HELP)
     p.add_argument("--epochs", type=_positive_int, help="max epochs per trial (default: the file's)")
     p.add_argument(
+        "--time",
+        type=_time_budget,
+        help="wall-clock budget, e.g. 1h or 90m: no trial starts after it, and rerunning resumes "
+        "(default: none, run to the trials)",
+    )
+    p.add_argument(
         "--heartbeat", type=_positive_int, default=5, help="seconds between trial heartbeats (default 5)"
     )
     p.add_argument(
@@ -492,7 +540,7 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     workers.catch_termination()
     study_spec = spec.parse(spec.find(args.name, STUDIES_DIR))
     options = study.RunOptions(storage=args.storage, device=engine.resolve_device(args.device))
-    study.quiet_optuna()
+    storage.quiet_optuna()
     rdb = storage.open_storage(options.storage)
     known = set(optuna.get_all_study_names(storage=rdb))
     missing = [n for n in map(study_spec.study_name, study_spec.condition_list()) if n not in known]

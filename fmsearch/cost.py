@@ -2,8 +2,9 @@
 
 It times the path a trial runs, as bench.py does for the training epoch: one epoch of each
 condition's configurations through engine.time_epoch, with this machine's speed settings, plus the
-teachers a distill condition may train. The bound assumes every trial runs every epoch and no
-teacher is cached, so a study that prunes, stops early or reuses teachers finishes sooner.
+teachers a distill condition may train, then the confirmation reruns. The bound assumes every trial
+runs every epoch and no teacher is cached, so a study that prunes, stops early or reuses teachers
+finishes sooner.
 """
 
 from __future__ import annotations
@@ -45,52 +46,74 @@ def representatives(spec: StudySpec, condition: dict[str, Any]) -> list[engine.T
 @dataclass
 class ConditionCost:
     study_name: str
-    epoch_seconds: dict[str, float]  # unlabeled objective -> measured seconds of one epoch
-    teacher_seconds: float = 0.0  # training every teacher its trials can ask for, none cached
+    max_epochs: int
+    trials: int  # still to run: a resumed study costs what is left
+    epoch_seconds: dict[str, float]  # unlabeled objective -> measured seconds of one epoch; {}: none left
+    team_seconds: float = 0.0  # training one team of teachers (one architecture, one seed)
+    teams: int = 0  # the teams its search can ask for: one per architecture, none cached
+
+    def search_seconds(self) -> float:
+        if not self.trials:
+            return 0.0
+        epochs = self.trials * self.max_epochs * max(self.epoch_seconds.values())
+        return epochs + self.teams * self.team_seconds
+
+    def confirm_seconds(self, seeds: int) -> float:
+        """The best configuration on `seeds` new seeds: a distill rerun trains its own seed's team."""
+        if not self.trials:
+            return 0.0  # searched already: `fmsearch confirm` reruns only the seeds it lacks
+        team = self.team_seconds if self.teams else 0.0
+        return seeds * (self.max_epochs * max(self.epoch_seconds.values()) + team)
 
 
 @dataclass
 class Plan:
     """What a study costs at most on this machine: every trial runs every epoch, no teacher is cached."""
 
-    trials: int
-    max_epochs: int
+    confirm_seeds: int
     execution: speed.Execution
     conditions: list[ConditionCost]
 
     @property
+    def search_seconds(self) -> float:
+        return sum(c.search_seconds() for c in self.conditions)
+
+    @property
+    def confirm_seconds(self) -> float:
+        return sum(c.confirm_seconds(self.confirm_seeds) for c in self.conditions)
+
+    @property
     def max_seconds(self) -> float:
-        return sum(
-            self.trials * self.max_epochs * max(c.epoch_seconds.values()) + c.teacher_seconds
-            for c in self.conditions
-        )
+        return self.search_seconds + self.confirm_seconds
 
 
-def _teacher_seconds(
-    config: engine.TrainConfig, splits: data.Splits, run: speed.Execution, archs: int
-) -> float:
-    """Training `config.teachers` teachers for each of `archs` architectures, and their logits."""
+def _team_seconds(config: engine.TrainConfig, splits: data.Splits, run: speed.Execution) -> float:
+    """Training `config.teachers` teachers of one architecture and one seed, and their logits."""
     cost = engine.time_epoch(teachers.recipe(config, 0), splits, run)
     images = len(splits.train_labels) + len(splits.val_labels) + len(splits.test_labels)
     logits = cost.validation * 2 * images / len(splits.val_labels)  # the image and its mirror
-    return archs * config.teachers * (config.teacher_epochs * cost.seconds + logits)
+    return config.teachers * (config.teacher_epochs * cost.seconds + logits)
 
 
-def plan(spec: StudySpec, splits: data.Splits) -> Plan:
+def plan(spec: StudySpec, splits: data.Splits, left: dict[str, int] | None = None) -> Plan:
     """Time one epoch of each condition's configs on the path `fit` runs, with this machine's settings.
 
-    Creates nothing; takes a few seconds per condition and objective.
+    `left`: trials still to run per study name (default: all of them); a condition with none left is
+    not timed. Creates nothing; takes a few seconds per condition and objective.
     """
     conditions = []
     arch = spec.space.get("arch")
     archs = len(arch.choices) if isinstance(arch, Categorical) else 1
     device = splits.train_images.device
     for condition in spec.condition_list():
-        cost = ConditionCost(spec.study_name(condition), {})
-        for config in representatives(spec, condition):
+        name = spec.study_name(condition)
+        trials = spec.trials if left is None else left.get(name, spec.trials)
+        cost = ConditionCost(name, spec.setting("max_epochs", condition), trials, {})
+        for config in representatives(spec, condition) if trials else ():
             run = speed.settle(config, device)
             cost.epoch_seconds[config.unlabeled] = engine.time_epoch(config, splits, run).seconds
             if config.unlabeled == "distill":
-                cost.teacher_seconds = _teacher_seconds(config, splits, run, archs)
+                cost.team_seconds, cost.teams = _team_seconds(config, splits, run), archs
         conditions.append(cost)
-    return Plan(spec.trials, spec.max_epochs, speed.settle(engine.TrainConfig(), device), conditions)
+    execution = speed.settle(engine.TrainConfig(), device)
+    return Plan(spec.confirm.seeds, execution, conditions)

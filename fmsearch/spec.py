@@ -41,7 +41,11 @@ TOP_LEVEL = {
     "conditions",
     "space",
     "confirm",
+    "override",
 }
+# What an [[override]] may set for the conditions it matches: the top-level keys that must suit an
+# objective (a distill student peaks late, so a patience that suits skip stops it early).
+OVERRIDABLE = ("max_epochs", "patience")
 
 
 # A study's name is its file's stem; it names folders under results/, so it cannot climb out of them.
@@ -108,6 +112,17 @@ class ConfirmSpec:
 
 
 @dataclass(frozen=True)
+class Override:
+    """An [[override]] table: settings of its own for the conditions whose values match `when`."""
+
+    when: dict[str, Any]
+    settings: dict[str, int]  # of OVERRIDABLE
+
+    def matches(self, condition: dict[str, Any]) -> bool:
+        return all(condition.get(key) == value for key, value in self.when.items())
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     path: Path
@@ -125,13 +140,26 @@ class StudySpec:
     conditions: dict[str, tuple]
     space: dict[str, Dimension]
     confirm: ConfirmSpec = ConfirmSpec()  # not in the fingerprint: raising its seeds resumes
+    overrides: tuple[Override, ...] = ()
 
     def condition_list(self) -> list[dict[str, Any]]:
-        """Every combination of the condition values, in file order."""
-        keys = list(self.conditions)
-        return [
-            dict(zip(keys, values, strict=True)) for values in itertools.product(*self.conditions.values())
-        ]
+        """Every combination of the condition values, in file order, less the keys that mean nothing in
+        it: `unlabeled` under full labels, so [1.0, 0.1] x [skip, distill] is three conditions, not four."""
+        keys, found = list(self.conditions), []
+        for values in itertools.product(*self.conditions.values()):
+            combination = dict(zip(keys, values, strict=True))
+            given = {**self.fixed, **combination}
+            condition = {k: v for k, v in combination.items() if applies(k, given)}
+            if condition not in found:
+                found.append(condition)
+        return found
+
+    def setting(self, name: str, condition: dict[str, Any]) -> Any:
+        """max_epochs or patience for one condition: its [[override]]'s where one matches, else the file's."""
+        for override in self.overrides:
+            if name in override.settings and override.matches(condition):
+                return override.settings[name]
+        return getattr(self, name)
 
     def study_name(self, condition: dict[str, Any]) -> str:
         """The Optuna study name of one condition, e.g. 'semi/labels=10%'."""
@@ -143,13 +171,20 @@ class StudySpec:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise SpecError(f"{flag} {value!r}: give a whole number of at least 1")
         changed = replace(self, trials=trials or self.trials, max_epochs=max_epochs or self.max_epochs)
+        if max_epochs:  # the command line's --epochs caps every condition, overridden ones included
+            overrides = [replace(o, settings={k: v for k, v in o.settings.items() if k != "max_epochs"})
+                         for o in self.overrides]  # fmt: skip
+            changed = replace(changed, overrides=tuple(o for o in overrides if o.settings))
         _check_something_is_searched(changed, flag="--trials" if trials else None)
         return changed
 
 
 def condition_label(key: str, value: Any) -> str:
+    """'labels=10%' for a fraction, 'labels=500' for a count, else 'key=value' ('unlabeled=distill')."""
     if key == "labeled_fraction":
         return f"labels={value * 100:g}%"
+    if key == "labeled_count":
+        return f"labels={value}"
     return f"{key}={value}"
 
 
@@ -368,9 +403,59 @@ def parse(path: Path, text: str | None = None) -> StudySpec:
         space=space,
         confirm=_dataclass_from(path, "confirm", ConfirmSpec, _section(path, raw, "confirm")),
     )
+    spec = replace(spec, overrides=_overrides(spec, raw.get("override", [])))
     _check_distinct_study_names(spec)
     _check_something_is_searched(spec)
     return spec
+
+
+def _overrides(spec: StudySpec, raw: Any) -> tuple[Override, ...]:
+    """[[override]] tables: each matches some condition by condition values, and sets OVERRIDABLE keys."""
+    path = spec.path
+    if not isinstance(raw, list) or not all(isinstance(table, dict) for table in raw):
+        raise _fail(path, "override", "must be tables", "write [[override]] with when = {...} and settings")
+    overrides = []
+    for index, table in enumerate(raw):
+        key = f"override[{index}]"
+        unknown = sorted(set(table) - {"when", *OVERRIDABLE})
+        if unknown:
+            raise _fail(path, f"{key}.{unknown[0]}", "unknown key", f"use when and {', '.join(OVERRIDABLE)}")
+        when = table.get("when")
+        if not isinstance(when, dict) or not when:
+            raise _fail(path, f"{key}.when", "missing or empty", 'write when = { unlabeled = "distill" }')
+        for name, value in when.items():
+            if name not in spec.conditions:
+                raise _fail(
+                    path, f"{key}.when.{name}", "not a condition", f"use one of {list(spec.conditions)}"
+                )
+            if value not in spec.conditions[name]:
+                raise _fail(
+                    path, f"{key}.when.{name}", f"{value!r} is not one of its conditions",
+                    f"choose from {list(spec.conditions[name])}",
+                )  # fmt: skip
+        settings = {
+            name: _check_value(path, f"{key}.{name}", parameters(TrainConfig)[FIELD_OF[name]], table[name])
+            for name in OVERRIDABLE
+            if name in table
+        }
+        if not settings:
+            raise _fail(path, key, "sets nothing", f"give it {' or '.join(OVERRIDABLE)}")
+        override = Override(when, settings)
+        if not any(override.matches(c) for c in spec.condition_list()):
+            raise _fail(path, f"{key}.when", f"{when} matches no condition", "match a condition's values")
+        for earlier in overrides:
+            shared = set(earlier.settings) & set(settings)
+            both = [c for c in spec.condition_list() if earlier.matches(c) and override.matches(c)]
+            if shared and both:
+                raise _fail(
+                    path, key, f"sets {sorted(shared)[0]} for {spec.study_name(both[0])} as an earlier "
+                    "[[override]] does", "make the two when tables match different conditions",
+                )  # fmt: skip
+        overrides.append(override)
+    return tuple(overrides)
+
+
+FIELD_OF = {"max_epochs": "epochs", "patience": "patience"}  # the TrainConfig field each top-level key sets
 
 
 def _check_distinct_study_names(spec: StudySpec) -> None:
@@ -389,7 +474,7 @@ def _check_distinct_study_names(spec: StudySpec) -> None:
         seen[name] = condition
 
 
-def suggest(trial, spec: StudySpec, condition: dict[str, Any], max_epochs: int | None = None) -> TrainConfig:
+def suggest(trial, spec: StudySpec, condition: dict[str, Any]) -> TrainConfig:
     """The search space's one door: [space] -> trial.suggest_* -> a TrainConfig.
 
     Fixed values and the condition come first; a dimension is suggested only where it applies
@@ -409,9 +494,9 @@ def suggest(trial, spec: StudySpec, condition: dict[str, Any], max_epochs: int |
             params[name] = trial.suggest_float(name, dimension.low, dimension.high, log=dimension.log)
     return TrainConfig(
         **params,
-        epochs=max_epochs or spec.max_epochs,
+        epochs=spec.setting("max_epochs", condition),
         batch_size=spec.batch_size,
-        patience=spec.patience,
+        patience=spec.setting("patience", condition),
     )
 
 

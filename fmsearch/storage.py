@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -305,6 +306,13 @@ def is_fault(error: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def quiet_optuna() -> None:
+    """Keep Optuna's own logging and experimental/deprecation warnings out of the terminal."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
 
 
 def quiet_background_faults() -> None:

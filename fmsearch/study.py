@@ -13,7 +13,6 @@ import io
 import json
 import os
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -48,9 +47,13 @@ class RunOptions:
     heartbeat_interval: int = 5  # seconds between a running trial's heartbeats
     grace_period: int = 20  # seconds without a heartbeat before a trial counts as dead
     data_config: data.DataConfig = field(default_factory=data.DataConfig)  # the spec's pool_limit on top
+    deadline: float | None = None  # time.time() after which no trial starts (`fmsearch study --time`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))  # "cpu" is taken as well
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
 
 
 @dataclass
@@ -73,6 +76,7 @@ class ConditionSummary:
     best_params: dict[str, Any] = field(default_factory=dict)
     best_trial: int | None = None
     test: storage.BestTrialScore | None = None
+    finished: int = 0  # the trials that count toward the study's (complete, pruned, diverged)
 
 
 class TrialProgress(engine.Progress, Protocol):
@@ -88,13 +92,6 @@ class Reporter(Protocol):
     def warn(self, line: str) -> None: ...  # a problem the run goes on through
 
 
-def quiet_optuna() -> None:
-    """Keep Optuna's own logging and experimental/deprecation warnings out of the terminal."""
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
-
-
 def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     seed = (spec.sampler.seed + seed_offset) % 2**32  # numpy's seeds are 32-bit
     if spec.sampler.name == "random":
@@ -108,7 +105,7 @@ def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseS
     )
 
 
-def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+def make_pruner(spec: StudySpec, condition: dict[str, Any]) -> optuna.pruners.BasePruner:
     """The spec's pruner. Its warm-up is judged by the objective (`_train`), which adds a pseudo-label
     trial's labeled-only epochs to it, so Optuna's own warm-up is left at 0."""
     p = spec.pruner
@@ -118,7 +115,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.startup_trials)
     if p.name == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=max(1, p.warmup_epochs), max_resource=spec.max_epochs
+            min_resource=max(1, p.warmup_epochs), max_resource=spec.setting("max_epochs", condition)
         )
     return optuna.pruners.NopPruner()
 
@@ -160,6 +157,18 @@ def prepare(spec: StudySpec, options: RunOptions, archive_changed: bool = False)
     storage.DatabaseArtifactStore(rdb)  # its table, created once here rather than by racing workers
     rdb.engine.dispose()
     return archived
+
+
+def trials_left(spec: StudySpec, options: RunOptions) -> dict[str, int]:
+    """Per condition's study, the trials still to run before it has spec.trials finished ones."""
+    rdb = storage.open_storage(options.storage, options.heartbeat_interval, options.grace_period)
+    left = {}
+    for condition in spec.condition_list():
+        name = spec.study_name(condition)
+        trials = optuna.load_study(study_name=name, storage=rdb).get_trials(deepcopy=False)
+        left[name] = max(0, spec.trials - sum(map(is_finished, trials)))
+    rdb.engine.dispose()
+    return left
 
 
 @dataclass
@@ -213,10 +222,10 @@ class Objective:
         return TrialCrashed(reason)
 
     def _train(self, trial: optuna.Trial) -> float:
-        config = suggest(trial, self.spec, self.condition, self.spec.max_epochs)
+        config = suggest(trial, self.spec, self.condition)
         for key, value in {**self.meta, Attr.CONFIG: asdict(config)}.items():
             trial.set_user_attr(key, value)
-        progress = self.reporter.trial_progress(self.study_name, trial.number, self.spec.max_epochs)
+        progress = self.reporter.trial_progress(self.study_name, trial.number, config.epochs)
         history: list[dict] = []
 
         # The pruner judges a pseudo-label trial only after its labeled-only warm-up plus the pruner's own.
@@ -293,47 +302,60 @@ def work(
     splits: data.Splits | None = None,
     rdb: optuna.storages.RDBStorage | None = None,
 ) -> None:
-    """One worker: for each condition, run trials until the condition has spec.trials finished ones.
+    """One worker: run trials until every condition has spec.trials finished ones, or the time is up.
 
+    The conditions take turns, a trial each, so a study stopped by its time budget (`options.deadline`)
+    has given each the same share. No trial starts after the deadline; a running one finishes.
     `splits` and `rdb` are the caller's where it runs in the same process, else loaded and opened here.
     Raises StudyError after MAX_CONSECUTIVE_CRASHES trials in a row raised an error.
     """
-    quiet_optuna()
+    storage.quiet_optuna()
     storage.quiet_background_faults()
     splits = splits if splits is not None else load_splits(spec, options)
     rdb = rdb or storage.open_storage(options.storage, options.heartbeat_interval, options.grace_period)
     artifacts = storage.DatabaseArtifactStore(rdb)
     reporter = reporter_factory(worker)
     crashes: list[str] = []  # this worker's trials in a row that raised
+
+    def finished_callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        outcome = outcome_of(study.study_name, trial)
+        if outcome.stop_reason == CRASHED:
+            crashes.append(f"{study.study_name} #{trial.number}: {outcome.error}")
+        else:
+            crashes.clear()
+        reporter.trial_end(outcome)
+
+    turns = []  # (study, gate, objective) per condition still short of its trials
     for condition in spec.condition_list():
         name = spec.study_name(condition)
         offset = storage.join(rdb, name)
         sampler = make_sampler(spec, seed_offset=offset)
-        study = optuna.load_study(study_name=name, storage=rdb, sampler=sampler, pruner=make_pruner(spec))
+        pruner = make_pruner(spec, condition)
+        study = optuna.load_study(study_name=name, storage=rdb, sampler=sampler, pruner=pruner)
         gate = storage.Gate(rdb, name)
         objective = Objective(spec, condition, splits, options, reporter, gate, name, artifacts)
         objective.meta[Attr.SAMPLER_SEED] = (spec.sampler.seed + offset) % 2**32
-
-        def finished_callback(study: optuna.Study, trial: FrozenTrial, name: str = name) -> None:
-            outcome = outcome_of(name, trial)
-            if outcome.stop_reason == CRASHED:
-                crashes.append(f"{name} #{trial.number}: {outcome.error}")
-            else:
-                crashes.clear()
-            reporter.trial_end(outcome)
-
-        while (step := _next_trial(study, spec.trials, gate, objective, finished_callback)) != "done":
+        turns.append((study, gate, objective))
+    while turns and not options.out_of_time():
+        steps = []
+        for study, gate, objective in list(turns):
+            if options.out_of_time():
+                return
+            step = _next_trial(study, gate, spec.trials, objective, finished_callback)
+            if step == "done":
+                turns.remove((study, gate, objective))
+            steps.append(step)
             if len(crashes) >= MAX_CONSECUTIVE_CRASHES:
                 raise StudyError(
                     f"{len(crashes)} trials in a row raised an error, last {crashes[-1]}: fix the cause, "
                     "then rerun (failed trials do not count toward the study's trials)"
                 )
-            if step == "wait":
-                time.sleep(options.heartbeat_interval)  # others' trials are running: wait for them
+        if "ran" not in steps and turns:
+            time.sleep(options.heartbeat_interval)  # others' trials are running: wait for them
 
 
 def _next_trial(
-    study: optuna.Study, wanted: int, gate: storage.Gate, objective: Objective, callback: Callable
+    study: optuna.Study, gate: storage.Gate, wanted: int, objective: Objective, callback: Callable
 ) -> str:
     """Under the gate, count the study's finished trials and run one more if they are too few.
 
@@ -412,6 +434,7 @@ def evaluate_best(
 def summarize(study: optuna.Study) -> ConditionSummary:
     trials = study.get_trials(deepcopy=False)
     summary = ConditionSummary(study.study_name, Counter(t.state.name for t in trials))
+    summary.finished = sum(map(is_finished, trials))
     best = storage.best_trial(trials)
     if best is not None:
         summary.best_value, summary.best_params, summary.best_trial = best.value, best.params, best.number

@@ -42,6 +42,8 @@ def fmsearch(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproc
         (["train", "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
         (["study"], "the following arguments are required: name"),
         (["study", "semi", "--jobs", "0"], "argument --jobs: must be at least 1, got 0"),
+        (["study", "semi", "--time", "1 hour"], "argument --time: '1 hour' is not a duration: write e.g. 1h"),
+        (["study", "semi", "--time", "0m"], "argument --time: '0m' leaves no time"),
     ],
 )
 def test_bad_arguments_get_one_line_and_exit_2(args, message):
@@ -135,7 +137,8 @@ def test_a_short_study_on_real_data_runs_reports_and_resumes(tmp_path):
     first = fmsearch("study", smoke, "--trials", "1", "--epochs", "2", "--storage", storage, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout
-    assert "cost: at most 2 conditions x 1 trials x 2 epochs" in out and "smaller: --trials, --epochs" in out
+    assert "cost: at most 2 trials of 2 epochs" in out and "smaller: --trials, --epochs, --time" in out
+    assert "smoke/labels=10%: 1 trials x 2 epochs" in out and "of confirmation (1 seeds)" in out
     assert "smoke/labels=100% #0 COMPLETE" in out and "smoke/labels=10% #0 COMPLETE" in out
     assert "test_accuracy" in out
     for name in ("smoke/labels=100%", "smoke/labels=10%"):
@@ -145,6 +148,7 @@ def test_a_short_study_on_real_data_runs_reports_and_resumes(tmp_path):
 
     again = fmsearch("study", smoke, "--trials", "1", "--epochs", "2", "--storage", storage, cwd=tmp_path)
     assert again.returncode == 0 and "#1" not in again.stdout  # resumed: nothing left to run
+    assert "nothing left to search" in again.stdout and "cost:" not in again.stdout  # and nothing timed
 
     report = fmsearch("report", "smoke", "--storage", storage, cwd=tmp_path)
     assert report.returncode == 0, report.stderr
@@ -155,6 +159,14 @@ def test_a_short_study_on_real_data_runs_reports_and_resumes(tmp_path):
 def test_data_command_names_its_source():
     result = fmsearch("data")
     assert result.returncode == 0 and result.stdout.startswith("data: local files in ")
+
+
+def test_a_time_budget_reads_as_a_person_writes_it():
+    from fmsearch import cli
+
+    assert [cli._time_budget(t) for t in ("1h", "90m", "1h30m", "45s", "600", "1.5h")] == [
+        3600, 5400, 5400, 45, 600, 5400,
+    ]  # fmt: skip
 
 
 def test_every_training_parameter_is_a_flag_that_reaches_the_config():

@@ -183,7 +183,7 @@ def test_conditional_dimensions_are_suggested_only_where_they_apply(tmp_path):
 def test_suggest_uses_the_spec_names_and_the_run_limits(tmp_path):
     tiny = spec.parse(tmp_path.joinpath("tiny.toml"), TINY_STUDY)
     trial = optuna.create_study().ask()
-    config = spec.suggest(trial, tiny, {"labeled_fraction": 1.0}, max_epochs=7)
+    config = spec.suggest(trial, tiny.overridden(max_epochs=7), {"labeled_fraction": 1.0})
     assert (config.epochs, config.batch_size, config.patience) == (7, 32, 2)
     assert config.lr == trial.params["lr"] and config.arch == trial.params["arch"]
 
@@ -206,3 +206,72 @@ def test_a_study_file_that_leaves_out_the_run_level_keys_gets_train_configs_defa
         defaults.batch_size,
         defaults.patience,
     )
+
+
+OBJECTIVES_AS_CONDITIONS = """trials = 2
+max_epochs = 6
+patience = 2
+
+[conditions]
+labeled_fraction = [1.0, 0.1]
+unlabeled = ["skip", "distill"]
+
+[space]
+lr = { low = 1e-4, high = 1e-2, log = true }
+
+[[override]]
+when = { unlabeled = "distill" }
+max_epochs = 20
+patience = 8
+"""
+
+
+def test_an_objective_as_a_condition_gives_full_labels_one_study_and_each_objective_its_own(tmp_path):
+    """The tuning playbook's scientific parameter: each arm gets the study's whole search, and
+    `unlabeled`, meaningless under full labels, does not split that condition in two."""
+    semi = spec.parse(tmp_path / "semi.toml", OBJECTIVES_AS_CONDITIONS)
+    assert [semi.study_name(c) for c in semi.condition_list()] == [
+        "semi/labels=100%",
+        "semi/labels=10%,unlabeled=skip",
+        "semi/labels=10%,unlabeled=distill",
+    ]
+    trial = optuna.create_study().ask()
+    full, skip, distill = (spec.suggest(trial, semi, c) for c in semi.condition_list())
+    assert (full.unlabeled, skip.unlabeled, distill.unlabeled) == ("skip", "skip", "distill")
+    assert [(c.epochs, c.patience) for c in (full, skip, distill)] == [(6, 2), (6, 2), (20, 8)]
+    # --epochs caps every condition, the overridden ones too; their own patience stays.
+    capped = [spec.suggest(trial, semi.overridden(max_epochs=3), c) for c in semi.condition_list()]
+    assert [(c.epochs, c.patience) for c in capped] == [(3, 2), (3, 2), (3, 8)]
+
+
+def test_a_labeled_count_condition_is_named_by_its_count(tmp_path):
+    text = "trials = 1\n[conditions]\nlabeled_count = [500, 5000]\n"
+    counts = spec.parse(tmp_path / "counts.toml", text)
+    assert [counts.study_name(c) for c in counts.condition_list()] == [
+        "counts/labels=500",
+        "counts/labels=5000",
+    ]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ('when = { unlabeled = "vat" }\npatience = 3', r"override\[0\]\.when\.unlabeled: 'vat' is not one"),
+        ('when = { arch = "plain" }\npatience = 3', r"override\[0\]\.when\.arch: not a condition"),
+        (
+            'when = { unlabeled = "skip" }\nlr = 0.1',
+            r"override\[0\]\.lr: unknown key; use when and max_epochs",
+        ),
+        ('when = { unlabeled = "skip" }', r"override\[0\]: sets nothing; give it max_epochs or patience"),
+        ('when = { unlabeled = "skip" }\npatience = 0', r"override\[0\]\.patience: 0 is out of range"),
+        (
+            'when = { labeled_fraction = 0.1 }\npatience = 3\n[[override]]\nwhen = { unlabeled = "skip" }\n'
+            "patience = 4",
+            r"override\[1\]: sets patience for semi/labels=10%,unlabeled=skip as an earlier",
+        ),
+    ],
+)
+def test_a_bad_override_is_one_line_naming_it(tmp_path, override, message):
+    text = OBJECTIVES_AS_CONDITIONS.split("[[override]]")[0] + "[[override]]\n" + override + "\n"
+    with pytest.raises(spec.SpecError, match=message):
+        spec.parse(tmp_path / "semi.toml", text)

@@ -234,3 +234,28 @@ def test_each_worker_that_joins_a_study_gets_its_own_sampler_seed_and_the_studys
     assert [storage.join(rdb, "seeds") for rdb in workers] == [0, 1000, 2000]
     assert [(rdb.get_heartbeat_interval(), rdb.grace_period) for rdb in workers] == [(5, 20)] * 3
     assert storage.join(storage.open_storage(url), "seeds") == 3000  # no heartbeat: nothing to take
+
+
+TWO_CONDITIONS = study_text(trials=2, max_epochs=1).replace(
+    "labeled_fraction = [1.0]", "labeled_fraction = [1.0, 0.5]"
+)
+
+
+def test_conditions_take_turns_so_a_time_budget_leaves_each_the_same_share(tmp_path, tiny, monkeypatch):
+    names = ["turns/labels=100%", "turns/labels=50%"]
+    over = run_tiny_study(tmp_path, tiny, TWO_CONDITIONS, name="turns", deadline=1.0)  # long past
+    assert [s.finished for s in over.summaries] == [0, 0]
+
+    url = over.storage
+    done = lambda: sum(storage.is_finished(t) for name in names for t in trials_of(url, name))  # noqa: E731
+    monkeypatch.setattr(study.RunOptions, "out_of_time", lambda self: done() >= 3)  # up after 3 trials
+    cut = run_tiny_study(tmp_path, tiny, TWO_CONDITIONS, name="turns", deadline=2e9)
+    assert sorted(s.finished for s in cut.summaries) == [1, 2]  # turn about: 100%, 50%, 100%
+    monkeypatch.undo()
+
+    resumed = run_tiny_study(tmp_path, tiny, TWO_CONDITIONS, name="turns")
+    assert [s.finished for s in resumed.summaries] == [2, 2]
+    for name in names:
+        assert [t.number for t in trials_of(url, name)] == [0, 1]  # nothing repeated, nothing lost
+    started = sorted((t.datetime_start, name) for name in names for t in trials_of(url, name))
+    assert [name for _, name in started] == names * 2
