@@ -138,8 +138,8 @@ class Condition:
         if self.is_full:
             return FULL_LABELS
         if self.setting.get("labeled_count") is not None:
-            return label_part("labeled_count", self.setting["labeled_count"])
-        return label_part("labeled_fraction", self.setting["labeled_fraction"])
+            return condition_label("labeled_count", self.setting["labeled_count"])
+        return condition_label("labeled_fraction", self.setting["labeled_fraction"])
 
     @property
     def labeled_images(self) -> int | None:
@@ -166,7 +166,7 @@ class Condition:
         """The condition keys other than the label budget and the objective, e.g. 'arch=plain'."""
         keys = (*BUDGET_KEYS, "unlabeled")
         condition = study_setting(self.study, Attr.CONDITION, {})
-        return ",".join(label_part(k, v) for k, v in condition.items() if k not in keys)
+        return ",".join(condition_label(k, v) for k, v in condition.items() if k not in keys)
 
 
 def _named(c: Condition) -> str:
@@ -174,13 +174,6 @@ def _named(c: Condition) -> str:
     if c.is_full or "unlabeled" in study_setting(c.study, Attr.CONDITION, {}):
         return c.label
     return f"{c.label} ({c.arm})"
-
-
-def label_part(key: str, value: Any) -> str:
-    """One condition key as the report names it: 'labels=10%', 'labels=500', 'unlabeled=distill'."""
-    if key == "labeled_count":
-        return f"labels={value}"
-    return condition_label(key, value)
 
 
 def _order(c: Condition) -> tuple:
@@ -213,7 +206,7 @@ def load_conditions(storage, name: str) -> list[Condition]:
         conditions.append(
             Condition(
                 study=study,
-                label=",".join(label_part(k, v) for k, v in condition.items()) or study_name,
+                label=",".join(condition_label(k, v) for k, v in condition.items()) or study_name,
                 setting=setting,
                 trials=trials,
                 finished=[t for t in trials if is_finished(t)],
