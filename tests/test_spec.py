@@ -24,11 +24,15 @@ def test_shipped_studies_are_the_ones_the_readme_names():
     assert named == {p.stem for p in STUDIES} and len(named) >= 4
 
 
-def test_semi_makes_the_labeled_fraction_a_condition_not_a_dimension():
+def test_semi_makes_the_labeled_fraction_and_the_objective_conditions_not_dimensions():
     semi = spec.parse(Path("studies/semi.toml"))
     assert semi.conditions["labeled_fraction"] == (1.0, 0.1)
-    assert "labeled_fraction" not in semi.space
-    assert [semi.study_name(c) for c in semi.condition_list()] == ["semi/labels=100%", "semi/labels=10%"]
+    assert not {"labeled_fraction", "unlabeled"} & set(semi.space)
+    assert [semi.study_name(c) for c in semi.condition_list()] == [
+        "semi/labels=100%",
+        "semi/labels=10%,unlabeled=skip",
+        "semi/labels=10%,unlabeled=distill",
+    ]
 
 
 def test_fraction_study_spans_the_label_budgets_from_one_percent_to_full_labels_each_its_own_study():
