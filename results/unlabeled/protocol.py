@@ -101,9 +101,7 @@ def run(variant: str, arch: str, seed: int) -> dict:
         "seed": seed,
         "command": " ".join(command),
         "control": members[0]["test_accuracy"] if members else None,
-        "control_recall": control_recall(arch, seed, int(team.get("epochs", 0) / max(1, len(members))))
-        if members
-        else None,
+        "control_recall": control_recall(arch, seed, teacher_epochs(variant, arch)) if members else None,
         "ensemble": team.get("test_accuracy"),
         "student": record["test_accuracy"],
         "student_recall": record["test_recall"],
@@ -118,8 +116,9 @@ def run(variant: str, arch: str, seed: int) -> dict:
 def mean_sd(values: list[float]) -> str:
     if not values:
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def hard_recall_gain(rows: list[dict]) -> str:
@@ -140,12 +139,12 @@ def table(runs: list[dict]) -> str:
     for variant, arch in sorted({(r["variant"], r["arch"]) for r in runs}):
         rows = [r for r in runs if (r["variant"], r["arch"]) == (variant, arch)]
         gains = [100 * (r["student"] - r["control"]) for r in rows if r["control"] is not None]
-        se = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("nan")
+        se = f"{statistics.stdev(gains) / len(gains) ** 0.5:.2f}" if len(gains) > 1 else "-"
         gain = f"{statistics.mean(gains):+.2f}" if gains else "-"
         cells = [
             variant, arch, str(len(rows)), mean_sd([r["control"] for r in rows if r["control"] is not None]),
             mean_sd([r["ensemble"] for r in rows if r["ensemble"] is not None]),
-            mean_sd([r["student"] for r in rows]), gain, f"{se:.2f}", hard_recall_gain(rows),
+            mean_sd([r["student"] for r in rows]), gain, se, hard_recall_gain(rows),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -153,7 +152,14 @@ def table(runs: list[dict]) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["table"]:
-        print(table(load()))
+        runs = load()
+        for r in runs:  # runs recorded before the control's recall was looked up by its teacher epochs
+            if r["control"] is not None and not r["control_recall"]:
+                r["control_recall"] = control_recall(
+                    r["arch"], r["seed"], teacher_epochs(r["variant"], r["arch"])
+                )
+        save(runs)
+        print(table(runs))
         sys.exit()
     args, seeds = sys.argv[1:], range(3)
     if "--seeds" in args:
