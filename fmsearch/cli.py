@@ -360,9 +360,10 @@ def _print_plan(plan, time_budget: float | None) -> None:
         epochs = ", ".join(f"{name} {seconds:.1f}" for name, seconds in c.epoch_seconds.items())
         teams = f"; teachers {c.teams} x {_duration(c.team_seconds)}" if c.teams else ""
         print(f"  {c.study_name}: {c.trials} trials x {c.max_epochs} epochs, s/epoch {epochs}{teams}")
+    seeds = f"{plan.confirm_seeds} seed{'s' if plan.confirm_seeds != 1 else ''}"
     print(
         f"  = {_duration(plan.search_seconds)} of search and {_duration(plan.confirm_seconds)} of "
-        f"confirmation ({plan.confirm_seeds} seeds) at most: {_duration(plan.max_seconds)} (pruning, early "
+        f"confirmation ({seeds}) at most: {_duration(plan.max_seconds)} (pruning, early "
         "stopping and cached teachers cut this); smaller: --trials, --epochs, --time, or STUDY=smoke"
     )
     if time_budget:
