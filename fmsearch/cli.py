@@ -552,7 +552,8 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     print(f"data: {_ensure_data()}")
     splits = study.load_splits(study_spec, options)
     print(
-        f"confirming {study_spec.name}: each condition's best trial on {study_spec.confirm.seeds} new seeds"
+        f"confirming {study_spec.name}: each condition's best trial on {study_spec.confirm.seeds} new "
+        f"seed{'s' if study_spec.confirm.seeds != 1 else ''}"
     )
     for done in confirm.confirm(study_spec, rdb, splits, RESULTS_DIR, log=print):
         mean, sd, n = done.mean_sd()
