@@ -16,6 +16,7 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "step", "cosine")
 UNLABELED = ("skip", "pseudo", "distill", "vat")
 VIEWS = ("weak", "strong")  # semi.weak_augment, semi.strong_augment
+DISTILL_ON = ("unlabeled", "labeled")  # the images distill's soft-target batches draw from
 MONITORS = ("val_loss", "val_accuracy")
 # The meaning of training: raise it with any change to the code that makes the same TrainConfig learn
 # something else (an objective's arithmetic, the teacher recipe, augmentation, the split). A study's
@@ -76,7 +77,17 @@ class TrainConfig:
         5, "distill: labels-only teachers, each on its own seed", low=1, objectives=("distill",), recipe=True
     )
     teacher_epochs: int = param(
-        30, "distill: most epochs of each teacher", low=1, objectives=("distill",), recipe=True
+        30,
+        "distill: most epochs of each teacher; pseudo: of the control it warm-starts from",
+        low=1,
+        objectives=("distill", "pseudo"),
+        recipe=True,
+    )
+    warm_start: bool = param(
+        False,
+        "pseudo: start from the labels-only control (distill's teacher 0, cached), not from scratch",
+        objectives=("pseudo",),
+        recipe=True,
     )
     temperature: float = param(
         1.0,
@@ -110,6 +121,12 @@ class TrainConfig:
         low=0.0,
         objectives=("distill",),
     )
+    distill_on: str = param(
+        "unlabeled",
+        "distill: the images its soft targets are learnt on; labeled: the ablation with no unlabeled image",
+        choices=DISTILL_ON,
+        objectives=("distill",),
+    )
     rounds: int = param(
         1,
         "distill: students in a row, each taught by the one before it (Noisy Student); 1: the teachers only",
@@ -137,6 +154,9 @@ class TrainConfig:
         high=1.0,
         high_open=True,
     )
+    keep_ema: bool = param(
+        False, "validate, pick and keep the moving average of the weights instead of the live weights"
+    )
     # How a run executes, never what it learns: unset (None), each is chosen by timing on this machine
     # (speed.choose); set, it is forced.
     amp: bool | None = param(None, "bf16 autocast in training and evaluation")
@@ -147,6 +167,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        if self.keep_ema and self.ema == 0:
+            raise ConfigError("keep_ema keeps the moving average of the weights: set ema too, e.g. 0.999")
 
     def objective_settings(self) -> dict[str, Any]:
         """The fields that the chosen `unlabeled` objective reads: its constructor's keyword arguments.

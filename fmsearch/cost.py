@@ -88,11 +88,11 @@ class Plan:
 
 
 def _team_seconds(config: engine.TrainConfig, splits: data.Splits, run: speed.Execution) -> float:
-    """Training `config.teachers` teachers of one architecture and one seed, and their logits."""
+    """Training the `teachers.count(config)` teachers of one architecture and one seed, and their logits."""
     cost = engine.time_epoch(teachers.recipe(config, 0), splits, run)
     images = len(splits.train_labels) + len(splits.val_labels) + len(splits.test_labels)
     logits = cost.validation * 2 * images / len(splits.val_labels)  # the image and its mirror
-    return config.teachers * (config.teacher_epochs * cost.seconds + logits)
+    return teachers.count(config) * (config.teacher_epochs * cost.seconds + logits)
 
 
 def plan(spec: StudySpec, splits: data.Splits, left: dict[str, int] | None = None) -> Plan:
@@ -112,7 +112,7 @@ def plan(spec: StudySpec, splits: data.Splits, left: dict[str, int] | None = Non
         for config in representatives(spec, condition) if trials else ():
             run = speed.settle(config, device)
             cost.epoch_seconds[config.unlabeled] = engine.time_epoch(config, splits, run).seconds
-            if config.unlabeled == "distill":
+            if teachers.count(config):
                 cost.team_seconds, cost.teams = _team_seconds(config, splits, run), archs
         conditions.append(cost)
     execution = speed.settle(engine.TrainConfig(), device)

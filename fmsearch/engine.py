@@ -258,7 +258,13 @@ class _Training:
     """What one fit trains with: the model, its optimizer and schedule, the loader and the objective."""
 
     def __init__(
-        self, config: TrainConfig, splits: Splits, subset: LabeledSubset, teacher_probs, execution: Execution
+        self,
+        config: TrainConfig,
+        splits: Splits,
+        subset: LabeledSubset,
+        teacher_probs,
+        execution: Execution,
+        initial_state: dict[str, torch.Tensor] | None = None,
     ):
         self.config, self.splits, self.execution = config, splits, execution
         self.device = device = splits.train_images.device
@@ -268,11 +274,15 @@ class _Training:
         targets = subset.targets.to(device)
         self.hidden = subset.hidden.to(device)  # read only after each epoch, for pseudo-label accuracy
         self.model = execution.prepare(build_model(config.arch, config.dropout).to(device))
+        if initial_state is not None:  # a warm start: the run begins from these weights
+            self.model.load_state_dict(initial_state)
         self.train_model = torch.compile(self.model) if execution.compile else self.model
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False) if config.ema > 0 else None
         self.optimizer = _optimizer(config, self.model)
         self.scheduler = _scheduler(config, self.optimizer)
-        self.sampler = SemiBatchSampler(subset.labeled, subset.unlabeled, config.batch_size, seed=config.seed)
+        # The objective's batches draw from the unlabeled images, or from the labeled ones (an ablation).
+        drawn = subset.labeled if self.objective.draws == "labeled" else subset.unlabeled
+        self.sampler = SemiBatchSampler(subset.labeled, drawn, config.batch_size, seed=config.seed)
         self.loader = DeviceLoader(splits.train_images, targets, self.sampler)
         self.subset = subset
         self.pseudo_record = torch.full_like(targets, HIDDEN)
@@ -371,8 +381,14 @@ class _Training:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema_model is not None:
                 ema, live = list(self.ema_model.parameters()), list(self.model.parameters())
-                torch._foreach_lerp_(ema, live, 1.0 - config.ema)
+                with torch.no_grad():  # else the average records an autograd history of every step
+                    torch._foreach_lerp_(ema, live, 1.0 - config.ema)
         self.step += 1
+
+    @property
+    def kept_model(self) -> nn.Module:
+        """The weights that are validated, picked and kept: the moving average's with keep_ema."""
+        return self.ema_model if self.config.keep_ema else self.model
 
     def validate(self, epoch: int) -> dict[str, float]:
         s, run = self.splits, self.execution
@@ -382,7 +398,11 @@ class _Training:
         metrics = {"val_loss": val.loss, "val_accuracy": val.accuracy}
         if self.ema_model is not None:
             ema = evaluate(self.ema_model, s.val_images, s.val_labels, self.normalize, run)
-            metrics |= {"ema_val_loss": ema.loss, "ema_val_accuracy": ema.accuracy}
+            if self.config.keep_ema:  # the average is the model; the live weights are a side record
+                metrics = {"val_loss": ema.loss, "val_accuracy": ema.accuracy}
+                metrics |= {"live_val_loss": val.loss, "live_val_accuracy": val.accuracy}
+            else:
+                metrics |= {"ema_val_loss": ema.loss, "ema_val_accuracy": ema.accuracy}
         return metrics
 
 
@@ -395,23 +415,30 @@ def fit(
     hooks: Sequence[EpochHook] = (),
     progress: Progress | None = None,
     execution: Execution | None = None,
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> FitResult:
     """Train one configuration; return its history and the best-epoch model by `config.monitor`.
 
     Training reads labels only through `subset.targets`, where unlabeled samples are HIDDEN.
     `teacher_probs` (N, C) are the distill objective's fixed targets for every pool image.
     `execution` is how it runs (default: this machine's choice with what `config` forces).
+    `initial_state`: weights to start from (a warm start), else a fresh initialisation.
+    With `config.keep_ema`, the moving average of the weights is what is validated, picked and returned.
     Raises DivergenceError on a NaN or inf loss.
     """
     started = time.perf_counter()
     execution = execution or settle(config, splits.train_images.device)
     subset = subset if subset is not None else make_subset(config, splits)
-    run = _Training(config, splits, subset, teacher_probs, execution)
+    run = _Training(config, splits, subset, teacher_probs, execution, initial_state)
     stoppers: list[EpochHook] = list(hooks)
     if config.patience is not None:
         stoppers.append(EarlyStopping(config.patience, config.monitor, from_epoch=run.warmup_epochs + 1))
+    kept = run.kept_model
     result = FitResult(
-        model=run.model, labeled_images=len(subset.labeled), ema_model=run.ema_model, execution=execution
+        model=kept,
+        labeled_images=len(subset.labeled),
+        ema_model=None if config.keep_ema else run.ema_model,
+        execution=execution,
     )
     with execution.threaded():
         for epoch in range(1, config.epochs + 1):
@@ -419,13 +446,13 @@ def fit(
             metrics = run.train_epoch(epoch, progress)
             metrics |= run.validate(epoch)
             metrics["epoch_seconds"] = time.perf_counter() - epoch_started
-            result.record(epoch, metrics, run.model)
+            result.record(epoch, metrics, kept)
             reasons = [reason for hook in stoppers if (reason := hook(epoch, metrics))]
             if reasons:
                 result.stop_reason = reasons[0]
                 break
     result.best_epoch, result.best_state = result.best_by[config.monitor]
-    run.model.load_state_dict(result.best_state)
+    kept.load_state_dict(result.best_state)
     result.seconds = time.perf_counter() - started
     return result
 

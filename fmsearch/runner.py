@@ -31,7 +31,7 @@ from fmsearch.storage import Attr
 class Run:
     config: TrainConfig
     result: engine.FitResult
-    team: teachers.Teachers | None = None  # distill's teachers
+    team: teachers.Teachers | None = None  # distill's teachers, or a warm start's control
 
     def record(self) -> dict[str, Any]:
         """What a finished run records, keyed by the storage contract's names (storage.Attr)."""
@@ -104,14 +104,16 @@ def run(
     on_teachers: Callable[[teachers.Teachers], None] = lambda team: None,
     log: Callable[[str], None] = lambda line: None,
 ) -> Run:
-    """Pick the labeled subset, build the teachers distill asks for (`on_teachers` hears of them
-    before training starts), then fit. `execution` defaults to this machine's choice."""
+    """Pick the labeled subset, build the teachers distill or a warm start asks for (`on_teachers`
+    hears of them before training starts), then fit. `execution` defaults to this machine's choice."""
     subset = engine.make_subset(config, splits)
     execution = execution or speed.settle(config, splits.train_images.device)
-    team, targets = None, None
-    if config.unlabeled == "distill":
+    team, targets, initial_state = None, None, None
+    if teachers.count(config):
         team = teachers.build(config, splits, subset, teachers_dir(results_dir), log, execution)
         on_teachers(team)
+        initial_state = team.control_state
+    if config.unlabeled == "distill":
         targets = team.probs
         for round in range(1, config.rounds):  # Noisy Student: each student teaches the next one
             log(f"student round {round} of {config.rounds}: training, then relabelling the pool")
@@ -126,6 +128,7 @@ def run(
         hooks=hooks,
         progress=progress,
         execution=execution,
+        initial_state=initial_state,
     )
     return Run(config, result, team)
 

@@ -238,6 +238,7 @@ class UnlabeledObjective:
     gathers_images = True
     steps_alone = False
     warmup_epochs = 0  # labeled-only epochs before unlabeled batches count
+    draws = "unlabeled"  # the images its batches come from; "labeled" for distill's ablation
 
     def start(self, model: nn.Module, pool: torch.Tensor, unlabeled: torch.Tensor, normalize) -> None:
         """Called before the first unlabeled batch; `pool` is every training image, uint8 (N, 28, 28)."""
@@ -333,16 +334,24 @@ class Distill(UnlabeledObjective):
     read. The targets never move, so there is no confirmation loop. Each unlabeled batch takes its
     own step: the student learns the pool from the teachers as it would from labels. Noisy Student's
     noise on the student: a `strong` view, and `mixup` of images with their targets (Beta(a, a)).
+    With `distill_on` "labeled", its batches are the labeled images instead, with their teachers'
+    soft targets: the ablation that shows what the unlabeled images add to distillation.
     """
 
     steps_alone = True
 
     def __init__(
-        self, targets: torch.Tensor, lambda_u: float, student_view: str = "weak", mixup: float = 0.0
+        self,
+        targets: torch.Tensor,
+        lambda_u: float,
+        student_view: str = "weak",
+        mixup: float = 0.0,
+        distill_on: str = "unlabeled",
     ):
         self.targets = targets
         self.lambda_u = lambda_u
         self.student_view, self.mixup = student_view, mixup
+        self.draws = distill_on
         self.augment = strong_augment if student_view == "strong" else weak_augment
 
     def __call__(self, model, indices, images, normalize, generator):

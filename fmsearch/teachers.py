@@ -1,4 +1,5 @@
 """Teachers for the distill objective: K labels-only models, cached on disk, and their soft targets.
+A warm-started pseudo run asks for teacher 0 alone, and starts from its weights.
 
 Each teacher trains on the student's labeled subset with the strongest labels-only recipe measured
 (adam 1e-3, cosine, patience 5; weak augmentation for the plain CNN only, which it helps and the
@@ -65,6 +66,9 @@ KEYED_OBJECTIVE_FIELDS = frozenset(
     ("tau", "lambda_u", "debias", "warmup_epochs", "teachers", "teacher_epochs", "temperature", "tta")
     + ("align", "vat_eps", "vat_xi", "entropy_weight")
 )
+# Fields every objective reads, added after the cache's keys were first made: keyed only away from
+# their default, so that adding one keeps every cached teacher (a teacher never sets one).
+KEYED_AWAY_FROM_DEFAULT = frozenset(("keep_ema",))
 
 
 def cache_key(teacher: TrainConfig, splits: Splits, subset: LabeledSubset) -> str:
@@ -74,11 +78,15 @@ def cache_key(teacher: TrainConfig, splits: Splits, subset: LabeledSubset) -> st
     """
     data = f"{splits.digest}-{_digest(subset.targets)}"
     declared = parameters(TrainConfig)
-    config = {
-        k: v
-        for k, v in asdict(teacher).items()
-        if k not in SETTINGS and (not declared[k].objectives or k in KEYED_OBJECTIVE_FIELDS)
-    }
+
+    def keyed(name: str, value) -> bool:
+        if name in SETTINGS:
+            return False
+        if name in KEYED_AWAY_FROM_DEFAULT:
+            return value != declared[name].default
+        return not declared[name].objectives or name in KEYED_OBJECTIVE_FIELDS
+
+    config = {k: v for k, v in asdict(teacher).items() if keyed(k, v)}
     versions = {"version": CACHE_VERSION, "training": TRAINING_VERSION}
     text = json.dumps({"config": config, "data": data, **versions}, sort_keys=True)
     return f"{teacher.arch}-seed{teacher.seed}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
@@ -94,6 +102,7 @@ class Teachers:
     test_accuracy: float = 0.0  # of the ensemble; for the report only, never for selection
     target_accuracy: float = 0.0  # argmax of the targets against the hidden labels of the unlabeled pool
     rounds: list[dict] = field(default_factory=list)  # Noisy Student's earlier students (runner.run)
+    control_state: dict[str, torch.Tensor] | None = None  # teacher 0's weights, for a warm start
 
     @property
     def seconds(self) -> float:
@@ -125,9 +134,10 @@ def _train_or_load(
     folder: Path,
     log: Callable[[str], None],
     run: Execution,
-) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The teacher's record and its (2, N, C) logits (image, mirror) on each of SPLITS: from the
-    cache or trained now."""
+    weights: bool = False,
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The teacher's record, its (2, N, C) logits (image, mirror) on each of SPLITS and, with
+    `weights`, its best-epoch weights (else None): from the cache or trained now."""
     folder.mkdir(parents=True, exist_ok=True)
     name = cache_key(teacher, splits, subset)
     record_path, logits_path = folder / f"{name}.json", folder / f"{name}-logits.pt"
@@ -135,9 +145,12 @@ def _train_or_load(
         fcntl.flock(lock, fcntl.LOCK_EX)  # two workers wanting one teacher: one trains, one waits
         if record_path.exists() and logits_path.exists():
             cached, problem = _read_cached(record_path, logits_path, splits)
-            if cached is not None:
+            state = None
+            if cached is not None and weights:
+                state, problem = _read_state(folder / f"{name}.pt", splits.train_images.device)
+            if cached is not None and (state is not None or not weights):
                 log(f"teacher seed {teacher.seed}: from the cache ({record_path.name})")
-                return cached
+                return (*cached, state)
             log(f"teacher seed {teacher.seed}: cache entry {record_path.name} {problem}: training it again")
         log(f"teacher seed {teacher.seed}: training up to {teacher.epochs} epochs")
         result = fit(teacher, splits, subset=subset, execution=run)
@@ -159,7 +172,7 @@ def _train_or_load(
         _atomic_save(result.best_state, folder / f"{name}.pt")
         _atomic_save({name: views.cpu() for name, views in logits.items()}, logits_path)
         write_json(record_path, record)  # the record last: it marks the entry complete
-        return record, logits
+        return record, logits, result.best_state if weights else None
 
 
 RECORD_KEYS = {"seed", "epochs", "best_epoch", "seconds", "val_accuracy", "test_accuracy", "by_monitor"}
@@ -184,6 +197,24 @@ def _read_cached(
     return (record, logits), ""
 
 
+def _read_state(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """A cached teacher's weights, or None and what is wrong with them: such an entry is retrained."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        return None, f"has unreadable weights ({type(error).__name__})"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None, "holds weights of another shape"
+    return state, ""
+
+
+def count(config: TrainConfig) -> int:
+    """How many teachers `config` asks for: distill's team, teacher 0 for a warm-started pseudo run."""
+    if config.unlabeled == "distill":
+        return config.teachers
+    return 1 if config.unlabeled == "pseudo" and config.warm_start else 0
+
+
 def _atomic_save(obj, path: Path) -> None:
     write_atomic(path, lambda partial: torch.save(obj, partial))
 
@@ -201,15 +232,20 @@ def build(
     log: Callable[[str], None] = lambda _: None,
     execution: Execution | None = None,
 ) -> Teachers:
-    """Train (or load) `config.teachers` teachers on `subset` and return their targets for the pool.
+    """Train (or load) the `count(config)` teachers on `subset` and return their targets for the pool
+    and, for a warm start, teacher 0's weights.
 
     Teachers run as the student does: `execution`, default this machine's choice and what `config` forces.
     """
     run = execution or settle(config, splits.train_images.device)
-    members, views = [], []
-    for k in range(config.teachers):
+    warm = config.unlabeled == "pseudo" and config.warm_start
+    members, views, control_state = [], [], None
+    for k in range(count(config)):
         teacher = recipe(config, k)
-        record, logits = _train_or_load(teacher, splits, subset, Path(cache_dir), log, run)
+        record, logits, state = _train_or_load(
+            teacher, splits, subset, Path(cache_dir), log, run, weights=warm and k == 0
+        )
+        control_state = control_state if state is None else state
         members.append(
             {
                 key: record[key]
@@ -231,6 +267,7 @@ def build(
         val_accuracy=ensemble_accuracy("val", splits.val_labels),
         test_accuracy=ensemble_accuracy("test", splits.test_labels),
         target_accuracy=target_accuracy(probs, subset),
+        control_state=control_state,
     )
 
 

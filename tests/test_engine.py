@@ -9,6 +9,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, TensorDataset
 
 from fmsearch import data, engine
+from fmsearch.errors import ConfigError
 from fmsearch.models import build_model
 from fmsearch.semi import HIDDEN, SemiBatchSampler, collate_marked, select_labeled
 from tests.conftest import needs_real_data
@@ -164,6 +165,65 @@ def test_both_monitors_keep_their_best_epoch_and_ema_is_scored(tiny_splits):
     assert all(0.0 <= s["test_accuracy"] <= 1.0 and len(s["test_recall"]) == 10 for s in scores.values())
     live = dict(result.model.named_parameters())
     assert any(not torch.equal(p, live[n]) for n, p in result.ema_model.named_parameters())
+
+
+def test_the_moving_average_records_no_autograd_history(tiny_splits):
+    result = engine.fit(replace(FAST, epochs=1, ema=0.9), tiny_splits)
+    assert all(p.grad_fn is None and not p.requires_grad for p in result.ema_model.parameters())
+
+
+def test_keep_ema_validates_picks_and_returns_the_moving_average(tiny_splits):
+    config = replace(FAST, epochs=3, ema=0.9, keep_ema=True, optimizer="sgd", lr=0.05)
+    result = engine.fit(config, tiny_splits)
+    assert result.ema_model is None  # the average is the model
+    assert all({"live_val_loss", "live_val_accuracy"} <= set(h) for h in result.history)
+    assert not any("ema_val_accuracy" in h for h in result.history)
+    best = result.best
+    scored = engine.evaluate(
+        result.model, tiny_splits.val_images, tiny_splits.val_labels, tiny_splits.normalize
+    )
+    assert scored.accuracy == best["val_accuracy"] and math.isclose(
+        scored.loss, best["val_loss"], rel_tol=1e-5
+    )
+    # The live weights of the same run score differently: what was kept is the average.
+    live = replace(config, keep_ema=False)
+    assert [h["val_loss"] for h in engine.fit(live, tiny_splits).history] == [
+        h["live_val_loss"] for h in result.history
+    ]
+
+
+def test_keep_ema_without_an_average_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="set ema too, e.g. 0.999"):
+        engine.TrainConfig(keep_ema=True)
+
+
+def test_a_warm_start_begins_from_the_weights_it_is_given(tiny_splits):
+    first = engine.fit(replace(FAST, epochs=2), tiny_splits)
+    state = {k: v.clone() for k, v in first.model.state_dict().items()}
+    frozen = replace(FAST, epochs=1, lr=1e-12, optimizer="sgd")  # a step this small changes nothing
+    warm = engine.fit(frozen, tiny_splits, initial_state=state)
+    cold = engine.fit(frozen, tiny_splits)
+    assert math.isclose(warm.best["val_loss"], first.best["val_loss"], rel_tol=1e-4)
+    assert warm.best["val_loss"] != cold.best["val_loss"]
+
+
+def test_distill_on_the_labeled_images_never_reads_an_unlabeled_target(tiny_splits):
+    """The ablation: soft-target batches over the labeled images, one per labeled batch."""
+    subset = select_labeled(tiny_splits.train_labels, fraction=0.2, seed=0)
+    probs = torch.full((len(tiny_splits.train_labels), 10), 0.1)
+    probs[subset.unlabeled] = float("nan")  # any read of an unlabeled image's target diverges
+    config = replace(FAST, epochs=2, labeled_fraction=0.2, unlabeled="distill")
+    with pytest.raises(engine.DivergenceError):
+        engine.fit(config, tiny_splits, teacher_probs=probs)
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        result = engine.fit(replace(config, distill_on="labeled"), tiny_splits, teacher_probs=probs)
+    finally:
+        handle.remove()
+    assert all(math.isfinite(h["unlabeled_loss"]) for h in result.history)
+    sampler = SemiBatchSampler(subset.labeled, subset.unlabeled, FAST.batch_size)
+    assert len(steps) == 2 * 2 * sampler.labeled_batches  # 2 epochs of labeled and soft-target batches
 
 
 def test_early_stopping_waits_for_the_end_of_the_warm_up(tiny_splits):

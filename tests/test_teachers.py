@@ -3,6 +3,7 @@ from dataclasses import replace
 import torch
 
 from fmsearch import engine, teachers
+from fmsearch.models import build_model
 
 CONFIG = engine.TrainConfig(
     batch_size=32, labeled_fraction=0.2, unlabeled="distill", teachers=2, teacher_epochs=2, patience=None
@@ -135,3 +136,55 @@ def test_a_field_only_an_unlabeled_objective_reads_leaves_the_teachers_key_alone
     for noise in ({"mixup": 0.5}, {"student_view": "strong"}, {"rounds": 3}, {"amp": True}):
         assert teachers.cache_key(replace(teacher, **noise), tiny_splits, subset) == key, noise
     assert teachers.cache_key(replace(teacher, lr=0.01), tiny_splits, subset) != key
+
+
+def test_a_field_added_since_the_keys_were_made_leaves_them_alone_at_its_default(tiny_splits):
+    teacher = teachers.recipe(CONFIG, 0)
+    subset = engine.make_subset(CONFIG, tiny_splits)
+    key = teachers.cache_key(teacher, tiny_splits, subset)
+    for new in ({"warm_start": True}, {"distill_on": "labeled"}, {"keep_ema": False}):
+        assert teachers.cache_key(replace(teacher, **new), tiny_splits, subset) == key, new
+    assert teachers.cache_key(replace(teacher, ema=0.9, keep_ema=True), tiny_splits, subset) != key
+
+
+WARM = replace(CONFIG, unlabeled="pseudo", warm_start=True, teachers=5)
+
+
+def test_a_warm_start_asks_for_teacher_zero_alone():
+    assert teachers.count(CONFIG) == 2 and teachers.count(WARM) == 1
+    assert teachers.count(replace(WARM, warm_start=False)) == 0
+    assert teachers.count(replace(CONFIG, unlabeled="skip")) == 0
+
+
+def test_a_warm_start_gets_distills_teacher_zero_and_its_weights_from_the_cache(tiny_splits, tmp_path):
+    distill, _ = build(tiny_splits, tmp_path)  # trains teachers 0 and 1
+    warm, lines = build(tiny_splits, tmp_path, WARM)
+    assert lines == [line for line in lines if "from the cache" in line] and len(lines) == 1
+    assert warm.members == distill.members[:1]
+    model = build_model(CONFIG.arch, CONFIG.dropout)
+    model.load_state_dict(warm.control_state)
+    accuracy = engine.evaluate(model, tiny_splits.val_images, tiny_splits.val_labels, tiny_splits.normalize)
+    assert accuracy.accuracy == warm.members[0]["val_accuracy"]
+    assert distill.control_state is None  # distill never reads the weights
+
+
+def test_unreadable_weights_are_named_and_the_control_trained_again(tiny_splits, tmp_path):
+    first, _ = build(tiny_splits, tmp_path, WARM)
+    (state,) = [p for p in tmp_path.glob("*.pt") if not p.name.endswith("-logits.pt")]
+    state.write_bytes(b"cut")
+    again, lines = build(tiny_splits, tmp_path, WARM)
+    assert len(lines) == 2 and "has unreadable weights (" in lines[0] and "training up to" in lines[1]
+    assert all(torch.equal(v, again.control_state[k]) for k, v in first.control_state.items())
+
+
+def test_a_warm_started_pseudo_run_begins_where_the_control_ended(tiny_splits, tmp_path):
+    from fmsearch import runner
+
+    control, _ = build(tiny_splits, runner.teachers_dir(tmp_path), WARM)
+    frozen = replace(WARM, epochs=1, lr=1e-12, optimizer="sgd", tau=1.0)  # steps too small to move
+    run = runner.run(frozen, tiny_splits, tmp_path)
+    assert run.team.members == control.members
+    assert run.result.history[0]["val_accuracy"] == control.members[0]["val_accuracy"]
+    cold = runner.run(replace(frozen, warm_start=False), tiny_splits, tmp_path)
+    assert cold.team is None
+    assert cold.result.history[0]["val_accuracy"] != run.result.history[0]["val_accuracy"]
