@@ -50,6 +50,26 @@ for name, noise in {
     "ns-strong-2rounds": ["--student-view", "strong", "--rounds", "2"],
 }.items():
     VARIANTS[name] = {arch: [*flags, *noise] for arch, flags in VARIANTS["distill-5x30"].items()}
+# The ablation: the same teachers distilled into a student on the labeled images only.
+VARIANTS["distill-labeled"] = {
+    arch: [*flags, "--distill-on", "labeled"] for arch, flags in VARIANTS["distill-5x30"].items()
+}
+# FixMatch warm-started from the labels-only control (distill's teacher 0, from the cache), with an
+# EMA of the weights validated and kept, tau 0.9, SGD with Nesterov, cosine and weight decay 5e-4.
+VARIANTS["fixmatch-warm"] = {
+    arch: [
+        "--unlabeled", "pseudo", "--warm-start", "--teacher-epochs", "30", "--tau", "0.9",
+        "--optimizer", "sgd", "--nesterov", "--lr", "0.01", "--weight-decay", "0.0005",
+        "--ema", "0.99", "--keep-ema", "--epochs", "15", "--patience", "15",
+        *(["--augment"] if arch == "plain" else []),
+    ]
+    for arch in ("plain", "adaptive")
+}  # fmt: skip
+# ns-mixup for 30 epochs: the plain student still gained at epoch 20 of 20.
+VARIANTS["ns-mixup-30ep"] = {
+    arch: [*flags, "--mixup", "0.4", "--epochs", "30", "--patience", "30"]
+    for arch, flags in VARIANTS["distill-5x30"].items()
+}
 
 
 def load() -> list[dict]:
