@@ -70,6 +70,10 @@ VARIANTS["ns-mixup-30ep"] = {
     arch: [*flags, "--mixup", "0.4", "--epochs", "30", "--patience", "30"]
     for arch, flags in VARIANTS["distill-5x30"].items()
 }
+# Its ablation: the same student recipe with soft targets on the labeled images only.
+VARIANTS["ns-mixup-30ep-labeled"] = {
+    arch: [*flags, "--distill-on", "labeled"] for arch, flags in VARIANTS["ns-mixup-30ep"].items()
+}
 
 
 def load() -> list[dict]:
