@@ -155,18 +155,26 @@ def hard_recall_gain(rows: list[dict]) -> str:
     return ", ".join(f"{name} {gain:+.1f}" for name, gain in gains.items())
 
 
+def arithmetic(run: dict) -> str:
+    """bf16 or float32: the same seed's control differs between the two, so rows never mix them."""
+    return "bf16" if (run.get("execution") or {}).get("amp") else "float32"
+
+
 def table(runs: list[dict]) -> str:
     lines = [
-        "| variant | arch | n | control | ensemble | student | gain (points) | SE | hard-class recall gain |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | arch | arithmetic | n | control | ensemble | student | gain (points) | SE "
+        "| hard-class recall gain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for variant, arch in sorted({(r["variant"], r["arch"]) for r in runs}):
-        rows = [r for r in runs if (r["variant"], r["arch"]) == (variant, arch)]
+    groups = sorted({(r["variant"], r["arch"], arithmetic(r)) for r in runs})
+    for variant, arch, kind in groups:
+        rows = [r for r in runs if (r["variant"], r["arch"], arithmetic(r)) == (variant, arch, kind)]
         gains = [100 * (r["student"] - r["control"]) for r in rows if r["control"] is not None]
         se = f"{statistics.stdev(gains) / len(gains) ** 0.5:.2f}" if len(gains) > 1 else "-"
         gain = f"{statistics.mean(gains):+.2f}" if gains else "-"
         cells = [
-            variant, arch, str(len(rows)), mean_sd([r["control"] for r in rows if r["control"] is not None]),
+            variant, arch, kind, str(len(rows)),
+            mean_sd([r["control"] for r in rows if r["control"] is not None]),
             mean_sd([r["ensemble"] for r in rows if r["ensemble"] is not None]),
             mean_sd([r["student"] for r in rows]), gain, se, hard_recall_gain(rows),
         ]  # fmt: skip
