@@ -278,6 +278,8 @@ class _Training:
             self.model.load_state_dict(initial_state)
         self.train_model = torch.compile(self.model) if execution.compile else self.model
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False) if config.ema > 0 else None
+        if self.ema_model is not None:  # the pairs each step averages, listed once
+            self.ema_pairs = list(self.ema_model.parameters()), list(self.model.parameters())
         self.optimizer = _optimizer(config, self.model)
         self.scheduler = _scheduler(config, self.optimizer)
         # The objective's batches draw from the unlabeled images, or from the labeled ones (an ablation).
@@ -380,9 +382,8 @@ class _Training:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema_model is not None:
-                ema, live = list(self.ema_model.parameters()), list(self.model.parameters())
                 with torch.no_grad():  # else the average records an autograd history of every step
-                    torch._foreach_lerp_(ema, live, 1.0 - config.ema)
+                    torch._foreach_lerp_(*self.ema_pairs, 1.0 - config.ema)
         self.step += 1
 
     @property
@@ -395,15 +396,17 @@ class _Training:
         val = evaluate(self.model, s.val_images, s.val_labels, self.normalize, run)
         if not math.isfinite(val.loss):
             raise DivergenceError(epoch, self.step)
-        metrics = {"val_loss": val.loss, "val_accuracy": val.accuracy}
-        if self.ema_model is not None:
-            ema = evaluate(self.ema_model, s.val_images, s.val_labels, self.normalize, run)
-            if self.config.keep_ema:  # the average is the model; the live weights are a side record
-                metrics = {"val_loss": ema.loss, "val_accuracy": ema.accuracy}
-                metrics |= {"live_val_loss": val.loss, "live_val_accuracy": val.accuracy}
-            else:
-                metrics |= {"ema_val_loss": ema.loss, "ema_val_accuracy": ema.accuracy}
-        return metrics
+        if self.ema_model is None:
+            return {"val_loss": val.loss, "val_accuracy": val.accuracy}
+        ema = evaluate(self.ema_model, s.val_images, s.val_labels, self.normalize, run)
+        # The kept weights are the monitored ones; the other set is a side record under its prefix.
+        kept, side, prefix = (ema, val, "live_") if self.config.keep_ema else (val, ema, "ema_")
+        return {
+            "val_loss": kept.loss,
+            "val_accuracy": kept.accuracy,
+            f"{prefix}val_loss": side.loss,
+            f"{prefix}val_accuracy": side.accuracy,
+        }
 
 
 def fit(

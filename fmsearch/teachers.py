@@ -144,13 +144,11 @@ def _train_or_load(
     with open(folder / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two workers wanting one teacher: one trains, one waits
         if record_path.exists() and logits_path.exists():
-            cached, problem = _read_cached(record_path, logits_path, splits)
-            state = None
-            if cached is not None and weights:
-                state, problem = _read_state(folder / f"{name}.pt", splits.train_images.device)
-            if cached is not None and (state is not None or not weights):
+            state_path = folder / f"{name}.pt" if weights else None
+            cached, problem = _read_cached(record_path, logits_path, splits, state_path)
+            if cached is not None:
                 log(f"teacher seed {teacher.seed}: from the cache ({record_path.name})")
-                return (*cached, state)
+                return cached
             log(f"teacher seed {teacher.seed}: cache entry {record_path.name} {problem}: training it again")
         log(f"teacher seed {teacher.seed}: training up to {teacher.epochs} epochs")
         result = fit(teacher, splits, subset=subset, execution=run)
@@ -178,15 +176,20 @@ def _train_or_load(
 RECORD_KEYS = {"seed", "epochs", "best_epoch", "seconds", "val_accuracy", "test_accuracy", "by_monitor"}
 
 
+READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
 def _read_cached(
-    record_path: Path, logits_path: Path, splits: Splits
-) -> tuple[tuple[dict, dict[str, torch.Tensor]] | None, str]:
-    """A cache entry's record and logits, or None and what is wrong with it (a crash mid-write on a
-    system without fsync, a file cut short, an entry of another shape): such an entry is retrained."""
+    record_path: Path, logits_path: Path, splits: Splits, state_path: Path | None = None
+) -> tuple[tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None, str]:
+    """A cache entry's record, logits and, from `state_path`, weights (else None); or None and what
+    is wrong with it (a crash mid-write on a system without fsync, a file cut short, an entry of
+    another shape): such an entry is retrained."""
+    device = splits.train_images.device
     try:
         record = json.loads(record_path.read_text())
-        logits = torch.load(logits_path, map_location=splits.train_images.device, weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        logits = torch.load(logits_path, map_location=device, weights_only=True)
+    except READ_ERRORS as error:
         return None, f"is unreadable ({type(error).__name__})"
     if not isinstance(record, dict) or not set(record) >= RECORD_KEYS:
         return None, "holds a record of another shape"
@@ -194,25 +197,27 @@ def _read_cached(
     shapes = {k: getattr(v, "shape", (0, 0))[1] for k, v in logits.items()} if isinstance(logits, dict) else 0
     if shapes != sizes:
         return None, "holds logits of other sizes"
-    return (record, logits), ""
-
-
-def _read_state(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """A cached teacher's weights, or None and what is wrong with them: such an entry is retrained."""
+    if state_path is None:
+        return (record, logits, None), ""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+    except READ_ERRORS as error:
         return None, f"has unreadable weights ({type(error).__name__})"
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         return None, "holds weights of another shape"
-    return state, ""
+    return (record, logits, state), ""
+
+
+def warm_starts(config: TrainConfig) -> bool:
+    """Whether `config` starts from the labels-only control's weights (teacher 0) instead of scratch."""
+    return config.unlabeled == "pseudo" and config.warm_start
 
 
 def count(config: TrainConfig) -> int:
-    """How many teachers `config` asks for: distill's team, teacher 0 for a warm-started pseudo run."""
+    """How many teachers `config` asks for: distill's team, teacher 0 for a warm start."""
     if config.unlabeled == "distill":
         return config.teachers
-    return 1 if config.unlabeled == "pseudo" and config.warm_start else 0
+    return 1 if warm_starts(config) else 0
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -238,14 +243,13 @@ def build(
     Teachers run as the student does: `execution`, default this machine's choice and what `config` forces.
     """
     run = execution or settle(config, splits.train_images.device)
-    warm = config.unlabeled == "pseudo" and config.warm_start
     members, views, control_state = [], [], None
     for k in range(count(config)):
         teacher = recipe(config, k)
-        record, logits, state = _train_or_load(
-            teacher, splits, subset, Path(cache_dir), log, run, weights=warm and k == 0
-        )
-        control_state = control_state if state is None else state
+        control = k == 0 and warm_starts(config)
+        record, logits, state = _train_or_load(teacher, splits, subset, Path(cache_dir), log, run, control)
+        if control:
+            control_state = state
         members.append(
             {
                 key: record[key]
