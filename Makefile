@@ -29,6 +29,10 @@ qw = $(foreach word,$(1),$(call q,$(word)))
 study_flags = $(if $(TRIALS),--trials $(call q,$(TRIALS))) --jobs $(call q,$(JOBS)) \
 	$(if $(EPOCHS),--epochs $(call q,$(EPOCHS))) $(if $(TIME),--time $(call q,$(TIME))) \
 	$(if $(DEVICE),--device $(call q,$(DEVICE)))
+# TIME bounds the search and the confirmation together: both count from make's start (--since).
+STARTED := $(if $(TIME),$(shell date +%s))
+confirm_flags = $(if $(TRIALS),--trials $(call q,$(TRIALS))) $(if $(DEVICE),--device $(call q,$(DEVICE))) \
+	$(if $(TIME),--time $(call q,$(TIME)) --since $(call q,$(STARTED)))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data test lint format train study report dashboard bench browser postgres clean distclean
@@ -89,7 +93,7 @@ train: data ## train one configuration: make train ARGS="--arch adaptive --epoch
 
 study: data ## run or resume a study, confirm its bests on new seeds, then report: make study STUDY=semi [TRIALS=] [JOBS=] [TIME=1h]
 	$(BIN)/fmsearch study $(call q,$(STUDY)) $(study_flags)
-	$(BIN)/fmsearch confirm $(call q,$(STUDY))
+	$(BIN)/fmsearch confirm $(call q,$(STUDY)) $(confirm_flags)
 	$(BIN)/fmsearch report $(call q,$(STUDY))
 
 report: $(STAMP) ## redraw a study's figures and summary.md from the storage: make report STUDY=semi

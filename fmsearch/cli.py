@@ -539,8 +539,13 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     from fmsearch import confirm, engine, spec, study
 
     workers.catch_termination()
-    study_spec = spec.parse(spec.find(args.name, STUDIES_DIR))
-    options = study.RunOptions(storage=args.storage, device=engine.resolve_device(args.device))
+    started = time.time() if args.since is None else args.since
+    study_spec = spec.parse(spec.find(args.name, STUDIES_DIR)).overridden(args.trials, None)
+    options = study.RunOptions(
+        storage=args.storage,
+        device=engine.resolve_device(args.device),
+        deadline=started + args.time if args.time else None,
+    )
     storage.quiet_optuna()
     rdb = storage.open_storage(options.storage)
     known = set(optuna.get_all_study_names(storage=rdb))
@@ -555,7 +560,7 @@ def cmd_confirm(args: argparse.Namespace) -> None:
         f"confirming {study_spec.name}: each condition's best trial on {study_spec.confirm.seeds} new "
         f"seed{'s' if study_spec.confirm.seeds != 1 else ''}"
     )
-    for done in confirm.confirm(study_spec, rdb, splits, RESULTS_DIR, log=print):
+    for done in confirm.confirm(study_spec, rdb, splits, RESULTS_DIR, log=print, deadline=options.deadline):
         mean, sd, n = done.mean_sd()
         print(f"{done.study_name}: trial #{done.source_trial}: test_accuracy {mean:.4f} ± {sd:.4f} (n={n})")
 
@@ -617,6 +622,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="a study file's name under studies/, e.g. semi, or a path to one")
     p.add_argument("--storage", type=_storage_url, default=storage.default_url(), help=STORAGE_HELP)
     p.add_argument("--device", type=_device, help=DEVICE_HELP)
+    p.add_argument(
+        "--trials",
+        type=_positive_int,
+        help="finished trials a condition's search needs before it is confirmed (default: the file's)",
+    )
+    p.add_argument(
+        "--time",
+        type=_time_budget,
+        help="wall-clock budget, e.g. 1h: no rerun starts after it (default: none)",
+    )
+    p.add_argument(
+        "--since",
+        type=float,
+        help="the Unix time --time counts from (default: now); `make study` passes its own start, so "
+        "that TIME bounds the search and the confirmation together",
+    )
     p.set_defaults(func=cmd_confirm)
     _add_bench_command(sub)
 

@@ -6,11 +6,14 @@ rerun once on the test set, and keeps the reruns as trials of a study of their o
 '<spec>@confirm/<condition>', where the dashboard and the report read them. A rerun never repeats a
 finished seed: raising the seeds, or running again after a kill, runs only the missing ones. If the
 search's best trial changes, its reruns start afresh beside the old ones, which name their source.
+A condition whose search is short of its trials is left until the search ends (its best may still
+change), and no rerun starts after a time budget's deadline.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import asdict, dataclass, field, replace
 
 import optuna
@@ -46,15 +49,25 @@ def confirm(
     splits: data.Splits,
     results_dir,
     log=lambda line: None,
+    deadline: float | None = None,
 ) -> list[Confirmed]:
-    """Rerun each condition's best configuration on the missing confirmation seeds."""
+    """Rerun each finished search's best configuration on the missing confirmation seeds, starting no
+    rerun after `deadline` (a time.time())."""
     confirmed = []
     for condition in spec.condition_list():
         name = spec.study_name(condition)
         searched = optuna.load_study(study_name=name, storage=rdb)
-        best = storage.best_trial(searched.get_trials(deepcopy=False))
+        trials = searched.get_trials(deepcopy=False)
+        best = storage.best_trial(trials)
         if best is None:
             log(f"{name}: no finished trial to confirm yet")
+            continue
+        finished = sum(map(storage.is_finished, trials))
+        if finished < spec.trials:
+            log(
+                f"{name}: its search has {finished} of {spec.trials} finished trials, and its best may "
+                f"still change: confirmed once the search ends (`fmsearch study {spec.name}` resumes it)"
+            )
             continue
         config = runner.stored_config(name, best)
         study = optuna.create_study(
@@ -65,6 +78,9 @@ def confirm(
         done = Confirmed(name, best.number, storage.confirmed_scores(searched, best.number))
         for seed in seeds(config.seed, spec.confirm.seeds):
             if seed not in done.test_accuracy:
+                if deadline is not None and time.time() >= deadline:
+                    log("time budget reached: no rerun started after it; run the same command to resume")
+                    return confirmed + [done]
                 score = _rerun(study, replace(config, seed=seed), best.number, splits, results_dir)
                 done.test_accuracy[seed] = score
                 log(f"{name}: trial #{best.number} on seed {seed}: test_accuracy {score:.4f}")

@@ -49,6 +49,30 @@ def test_a_killed_confirmation_resumes_without_repeating_a_seed(tmp_path, tiny):
     assert len([t for t in reruns(run.storage, name) if t.state == TrialState.COMPLETE]) == 3
 
 
+def test_a_search_short_of_its_trials_or_past_its_deadline_is_not_confirmed(tmp_path, tiny):
+    """A search cut off by its time budget may still change its best: `make study TIME=` must not
+    confirm it; and the confirmation itself starts no rerun after the budget's deadline."""
+    text = study_text(trials=1, max_epochs=1) + "\n[confirm]\nseeds = 2\n"
+    run = run_tiny_study(tmp_path, tiny, text, name="short")
+    name = run.summaries[0].study_name
+    rdb = storage.open_storage(run.storage)
+    splits = study.load_splits(run.spec, run.options)
+    lines = []
+    assert (
+        confirm.confirm(run.spec.overridden(trials=3), rdb, splits, run.options.results_dir, lines.append)
+        == []
+    )
+    assert lines == [
+        f"{name}: its search has 1 of 3 finished trials, and its best may still change: confirmed once "
+        "the search ends (`fmsearch study short` resumes it)"
+    ]
+    lines.clear()
+    done = confirm.confirm(run.spec, rdb, splits, run.options.results_dir, lines.append, deadline=0.0)
+    assert [d.test_accuracy for d in done] == [{}]
+    assert lines == ["time budget reached: no rerun started after it; run the same command to resume"]
+    assert not optuna.load_study(study_name=storage.confirm_name(name), storage=rdb).trials
+
+
 def test_confirmation_seeds_are_never_the_searchs_own():
     assert confirm.seeds(7, 3) == [8, 9, 10] and confirm.seeds(2**32 - 2, 3) == [2**32 - 1, 0, 1]
     assert confirm.seeds(0, 0) == []
