@@ -70,7 +70,7 @@ def provenance(device: torch.device) -> dict[str, str]:
     the machine and process."""
     return {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "git_revision": _git_revision(),
+        "git_revision": GIT_REVISION,
         "torch_version": torch.__version__,
         "optuna_version": optuna.__version__,
         "worker": f"{socket.gethostname()}:{os.getpid()}",
@@ -78,7 +78,8 @@ def provenance(device: torch.device) -> dict[str, str]:
 
 
 def _git_revision() -> str:
-    """The revision of the fmsearch code that runs (not of the folder it runs in), else 'unknown'."""
+    """The revision of the fmsearch code that runs (not of the folder it runs in), else 'unknown'.
+    Read once, as the code is imported: a commit made while a run trains is not the code it runs."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -87,6 +88,9 @@ def _git_revision() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+GIT_REVISION = _git_revision()
 
 
 def teachers_dir(results_dir: Path) -> Path:
