@@ -508,8 +508,11 @@ def draw_search(conditions: list[Condition]) -> plt.Figure:
     return fig
 
 
-def plot_search(conditions: list[Condition], out: Path) -> Path:
-    """search.png: the optimization history and one panel per searched dimension (draw_search)."""
+def plot_search(conditions: list[Condition], out: Path) -> Path | None:
+    """search.png: the optimization history and one panel per searched dimension (draw_search). None
+    when nothing was searched (a study of fixed configurations, as `fraction`)."""
+    if not searched_dimensions(conditions):
+        return None
     return _save(draw_search(conditions), out / "search.png")
 
 

@@ -100,6 +100,14 @@ def test_a_single_condition_study_draws_no_fraction_plot(tmp_path, tiny):
     assert "fraction.png" not in names and {"curves.png", "search.png", "confusion.png"} <= names
 
 
+def test_a_study_that_searches_nothing_draws_no_search_plot(tmp_path, tiny):
+    """fraction.toml fixes every hyperparameter: one run per condition, a search panel would be empty."""
+    text = study_text(trials=1, max_epochs=1, fixed="optimizer = 'adam'\narch = 'plain'", space="")
+    run = run_tiny_study(tmp_path, tiny, text, name="fixed")
+    _, images = report.write_report(run.storage, "fixed", tmp_path / "results")
+    assert "search.png" not in {p.name for p in images} and "curves.png" in {p.name for p in images}
+
+
 def test_cli_report_errors_are_one_line(tmp_path):
     result = subprocess.run(
         [

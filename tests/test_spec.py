@@ -41,8 +41,10 @@ def test_fraction_study_spans_the_label_budgets_from_one_percent_to_full_labels_
     assert (
         min(budgets) <= 0.01 and 0.1 in budgets and max(budgets) == 1.0 and list(budgets) == sorted(budgets)
     )
+    assert fraction.conditions["unlabeled"] == ("skip", "distill") and not fraction.space
     names = [fraction.study_name(c) for c in fraction.condition_list()]
-    assert len(set(names)) == len(budgets)
+    assert len(set(names)) == 2 * len(budgets) - 1  # under full labels the objective means nothing
+    assert names[-1] == "fraction/labels=100%" and "fraction/labels=1%,unlabeled=distill" in names
 
 
 BAD = [
