@@ -7,7 +7,8 @@ rerun once on the test set, and keeps the reruns as trials of a study of their o
 finished seed: raising the seeds, or running again after a kill, runs only the missing ones. If the
 search's best trial changes, its reruns start afresh beside the old ones, which name their source.
 A condition whose search is short of its trials is left until the search ends (its best may still
-change), and no rerun starts after a time budget's deadline.
+change), and no rerun starts after a time budget's deadline. Where a condition searched nothing, its
+one trial was not chosen from others and is not optimistic: it counts as the first of the seeds.
 """
 
 from __future__ import annotations
@@ -76,7 +77,12 @@ def confirm(
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(stale.number, state=TrialState.FAIL)  # a killed rerun: confirm runs in one process
         done = Confirmed(name, best.number, storage.confirmed_scores(searched, best.number))
-        for seed in seeds(config.seed, spec.confirm.seeds):
+        wanted = seeds(config.seed, spec.confirm.seeds)
+        own = storage.BestTrialScore.of(searched)
+        if storage.unselected(best) and own is not None and own.trial == best.number:
+            done.test_accuracy[config.seed] = own.test_accuracy  # one of the seeds: nothing picked it
+            wanted = wanted[:-1]
+        for seed in wanted:
             if seed not in done.test_accuracy:
                 if deadline is not None and time.time() >= deadline:
                     log("time budget reached: no rerun started after it; run the same command to resume")

@@ -45,6 +45,7 @@ from fmsearch.storage import (  # noqa: E402
     is_finished,
     study_name_parts,
     study_setting,
+    unselected,
 )
 
 DPI = 160
@@ -240,22 +241,22 @@ def _score(c: Condition, classes: list[str] | None) -> Score | None:
     if best is None:
         return None
     reruns = list(confirmation_reruns(c.study, best.number).values()) if c.reruns else []
+    own = None
+    if c.test is not None:
+        matrix = np.array(c.test.confusion, dtype=float)
+        own = (c.test.test_accuracy, np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1))
     if reruns:
-        tests = [t.user_attrs[Attr.TEST] for t in reruns]
-        recall = np.mean([test["test_recall"] for test in tests], axis=0)
+        runs = [
+            (t.user_attrs[Attr.TEST]["test_accuracy"], t.user_attrs[Attr.TEST]["test_recall"]) for t in reruns
+        ]
+        if own is not None and unselected(best):  # searched nothing: the trial is a seed too (confirm.py)
+            runs.insert(0, own)
+        recall = np.mean([r for _, r in runs], axis=0)
         names = classes or [f"class {i}" for i in range(len(recall))]
-        return Score(
-            tuple(test["test_accuracy"] for test in tests),
-            tuple(recall),
-            tuple(names),
-            best.number,
-            True,
-        )
-    if c.test is None:
+        return Score(tuple(a for a, _ in runs), tuple(recall), tuple(names), best.number, True)
+    if own is None:
         return None
-    matrix = np.array(c.test.confusion, dtype=float)
-    recall = np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)
-    return Score((c.test.test_accuracy,), tuple(recall), tuple(c.test.classes), best.number, False)
+    return Score((own[0],), tuple(own[1]), tuple(c.test.classes), best.number, False)
 
 
 @dataclass(frozen=True)

@@ -701,6 +701,12 @@ def confirmation_reruns(study: optuna.Study, source_trial: int) -> dict[int, Fro
     return done
 
 
+def unselected(trial: FrozenTrial) -> bool:
+    """A trial that searched nothing (a study of fixed configurations, one trial per condition): no
+    choice among trials made it look good, so its own test score counts as a confirmation seed."""
+    return not trial.distributions
+
+
 def confirmed_scores(study: optuna.Study, source_trial: int) -> dict[int, float]:
     """Seed -> test accuracy of the confirmation reruns of `source_trial` (confirmation_reruns)."""
     reruns = confirmation_reruns(study, source_trial)

@@ -73,6 +73,24 @@ def test_a_search_short_of_its_trials_or_past_its_deadline_is_not_confirmed(tmp_
     assert not optuna.load_study(study_name=storage.confirm_name(name), storage=rdb).trials
 
 
+def test_a_condition_that_searched_nothing_counts_its_own_trial_as_a_seed(tmp_path, tiny):
+    """No trial was picked from others (fraction.toml), so the trial is not optimistic: seeds = 2 is
+    the trial and one rerun, and the report's confirmed score is over both."""
+    from fmsearch import report
+
+    text = study_text(trials=1, max_epochs=1, fixed="optimizer = 'adam'\narch = 'plain'", space="")
+    run = run_tiny_study(tmp_path, tiny, text + "\n[confirm]\nseeds = 2\n", name="fixed")
+    name = run.summaries[0].study_name
+    rdb = storage.open_storage(run.storage)
+    splits = study.load_splits(run.spec, run.options)
+    own = run.summaries[0].test.test_accuracy
+    done = confirm.confirm(run.spec, rdb, splits, run.options.results_dir)[0]
+    assert [t.user_attrs["config"]["seed"] for t in reruns(run.storage, name)] == [1]
+    assert sorted(done.test_accuracy) == [0, 1] and done.test_accuracy[0] == own
+    (condition,) = [c for c in report.load_conditions(run.storage, "fixed") if c.study.study_name == name]
+    assert condition.score.confirmed and condition.score.accuracies == (own, done.test_accuracy[1])
+
+
 def test_confirmation_seeds_are_never_the_searchs_own():
     assert confirm.seeds(7, 3) == [8, 9, 10] and confirm.seeds(2**32 - 2, 3) == [2**32 - 1, 0, 1]
     assert confirm.seeds(0, 0) == []
