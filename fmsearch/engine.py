@@ -33,7 +33,7 @@ from fmsearch.semi import (
     weak_augment,
 )
 from fmsearch.speed import Execution, settle, sync
-from fmsearch.storage import EARLY_STOPPED, MAX_EPOCHS
+from fmsearch.storage import AT_CHANCE, EARLY_STOPPED, MAX_EPOCHS
 
 # Steps between divergence checks. On a GPU each check is a host-device sync; on the CPU it costs nothing
 # measurable (a 10,000-image epoch: 5.9 s checking every step, 6.7 s every 16th; AMD EPYC AVX2, 2026-12-02).
@@ -144,6 +144,27 @@ class EarlyStopping:
             return None
         self.waited += 1
         return EARLY_STOPPED if self.waited >= self.patience else None
+
+
+class AtChance:
+    """Stops a run whose network is dead: for its first `epochs` epochs (after any warm-up) the
+    validation loss stayed within 1% of log(classes), what uniform outputs score, and the accuracy
+    at chance. Such a run (too high a learning rate) never recovers, and would otherwise run every
+    epoch a patient schedule allows; a run that learns at all, however slowly, leaves that band."""
+
+    def __init__(self, classes: int, epochs: int = 5, from_epoch: int = 1):
+        self.uniform_loss = math.log(classes)
+        self.chance = 1.0 / classes
+        self.epochs = epochs
+        self.from_epoch = from_epoch
+        self.alive = False
+
+    def __call__(self, epoch: int, metrics: dict) -> str | None:
+        if epoch < self.from_epoch or self.alive:
+            return None
+        uniform = abs(metrics["val_loss"] - self.uniform_loss) <= 0.01 * self.uniform_loss
+        self.alive = not (uniform and metrics["val_accuracy"] <= 1.2 * self.chance)
+        return AT_CHANCE if not self.alive and epoch - self.from_epoch + 1 >= self.epochs else None
 
 
 class Progress(Protocol):
@@ -436,6 +457,7 @@ def fit(
     stoppers: list[EpochHook] = list(hooks)
     if config.patience is not None:
         stoppers.append(EarlyStopping(config.patience, config.monitor, from_epoch=run.warmup_epochs + 1))
+    stoppers.append(AtChance(len(CLASSES), from_epoch=run.warmup_epochs + 1))
     kept = run.kept_model
     result = FitResult(
         model=kept,

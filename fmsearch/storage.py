@@ -81,6 +81,7 @@ class Attr:
 # A run's stop_reason (Attr.STOP_REASON): how it ended.
 MAX_EPOCHS = "max-epochs"  # ran every epoch
 EARLY_STOPPED = "early-stopped"  # its monitor stopped improving for `patience` epochs
+AT_CHANCE = "at-chance"  # its outputs stayed uniform (a dead network): stopped, a result, it counts
 PRUNED = "pruned"  # the pruner judged it behind the others
 DIVERGED = "diverged"  # its loss became NaN: a result, it counts
 CRASHED = "crashed"  # it raised: not a result, it does not count

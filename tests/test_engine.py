@@ -58,6 +58,26 @@ def test_early_stopping_counts_epochs_without_a_lower_validation_loss():
     assert reasons == [None, None, None, None, None, None, "early-stopped"]
 
 
+def test_a_dead_network_stops_at_chance_and_a_slow_learner_does_not():
+    uniform = math.log(10)
+    dead = engine.AtChance(10, epochs=3)
+    assert [dead(e, {"val_loss": uniform * 1.002, "val_accuracy": 0.1}) for e in (1, 2, 3)] == [
+        None,
+        None,
+        "at-chance",
+    ]
+    slow = engine.AtChance(10, epochs=3)  # one epoch out of the band: alive for good
+    metrics = [(uniform, 0.1), (uniform * 0.97, 0.16), (uniform, 0.1), (uniform, 0.1)]
+    assert [slow(e, {"val_loss": v, "val_accuracy": a}) for e, (v, a) in enumerate(metrics, 1)] == [None] * 4
+
+
+def test_fit_stops_a_network_that_cannot_learn_at_chance(tiny_splits):
+    """All-zero weights: every ReLU is 0 and passes no gradient, so the outputs stay uniform for good."""
+    zero = {k: torch.zeros_like(v) for k, v in build_model("plain", 0.0).state_dict().items()}
+    result = engine.fit(replace(FAST, epochs=8), tiny_splits, initial_state=zero)
+    assert result.stop_reason == "at-chance" and len(result.history) == 5
+
+
 def test_an_epoch_hook_can_stop_training_with_its_reason(tiny_splits):
     seen = []
 
