@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fmsearch import files, storage, workers
+from fmsearch import files, storage, transfer, workers
 from fmsearch.config import ARCHITECTURE_NAMES, NO_PATIENCE, SETTINGS, SWITCHES, TrainConfig
 from fmsearch.errors import StudyError, UsageError
 
@@ -315,6 +315,8 @@ def cmd_study(args: argparse.Namespace) -> None:
     storage.quiet_optuna()
     print(f"data: {_ensure_data()}")
     splits = study.load_splits(study_spec, options)  # a pool_limit the data cannot meet stops here
+    if not args.fresh:
+        _resume_from_export(study_spec.name, options.storage)
     archived = study.prepare(study_spec, options, archive_changed=args.archive_changed)
     for old, new in archived.items():
         spec_name = storage.study_name_parts(new)[0]
@@ -370,14 +372,41 @@ def _print_plan(plan, time_budget: float | None) -> None:
         print(f"  time budget {_duration(time_budget)}: no trial starts after it; rerunning resumes")
 
 
+def _resume_from_export(name: str, url: str) -> None:
+    """A storage without any of the study's studies takes the trials committed beside its report."""
+    rdb = storage.open_storage(url)
+    lines = transfer.resume_from_export(rdb, name, RESULTS_DIR)
+    rdb.engine.dispose()
+    if lines:
+        path = transfer.export_path(RESULTS_DIR, name)
+        print(f"resuming from {path} (the storage held none of its trials; --fresh starts over):")
+        for line in lines:
+            print(f"  {line}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from fmsearch import report
 
     storage.quiet_optuna()
     rdb = storage.open_storage(args.storage)
     summary, images = report.write_report(rdb, args.name, RESULTS_DIR, storage.DatabaseArtifactStore(rdb))
+    exported = transfer.write_export(rdb, args.name, RESULTS_DIR)
     figures = ", ".join(p.name for p in images)
-    print(f"wrote {summary}, trials.csv and {figures}; the dashboard shows the figures too")
+    print(
+        f"wrote {summary}, trials.csv, {figures} and {exported.name} (the trials, for `fmsearch import`); "
+        "the dashboard shows the figures too"
+    )
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    storage.quiet_optuna()
+    path = Path(args.source) if args.source else transfer.export_path(RESULTS_DIR, args.name)
+    payload = transfer.read_export(path)
+    if payload.get("study") != args.name:
+        raise transfer.TransferError(f"{path} holds study {payload.get('study')!r}, not {args.name!r}")
+    rdb = storage.open_storage(args.storage)
+    for line in transfer.import_studies(rdb, payload):
+        print(line)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -530,6 +559,12 @@ def _add_study_command(sub) -> None:
         help="where the study file changed since a condition's trials ran, keep them under "
         "NAME@archived-<time> and start that condition afresh (default: refuse)",
     )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="where the storage holds none of the study's trials, start afresh instead of resuming from "
+        "the trials committed in results/NAME/storage.json",
+    )
     p.set_defaults(func=cmd_study)
 
 
@@ -547,6 +582,7 @@ def cmd_confirm(args: argparse.Namespace) -> None:
         deadline=started + args.time if args.time else None,
     )
     storage.quiet_optuna()
+    _resume_from_export(study_spec.name, options.storage)
     rdb = storage.open_storage(options.storage)
     known = set(optuna.get_all_study_names(storage=rdb))
     missing = [n for n in map(study_spec.study_name, study_spec.condition_list()) if n not in known]
@@ -645,6 +681,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", type=_report_name, help="the study's name, e.g. semi")
     p.add_argument("--storage", type=_storage_url, default=storage.default_url(), help=STORAGE_HELP)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "import", help="put a study's trials from results/NAME/storage.json into the storage, to resume there"
+    )
+    p.add_argument("name", type=_report_name, help="the study's name, e.g. semi")
+    p.add_argument("--source", help="the file to read (default: results/NAME/storage.json)")
+    p.add_argument("--storage", type=_storage_url, default=storage.default_url(), help=STORAGE_HELP)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage")
     p.add_argument("--storage", type=_storage_url, default=storage.default_url(), help=STORAGE_HELP)

@@ -404,15 +404,16 @@ def evaluate_best(
     if best is None:
         return None
     body = storage.kept_weights(artifacts, study, best)
+    if body is not None:
+        storage.keep_best_weights(body, storage.best_weights_path(results_dir, study.study_name))
+    previous = storage.BestTrialScore.of(study)
+    if previous and previous.trial == best.number:
+        return previous  # scored already; an imported study (transfer.py) keeps the score, not the weights
     if body is None:
         raise StudyError(
             f"{study.study_name}: its best trial #{best.number} has no weights in the storage (it ran "
             "before fmsearch kept them there): archive the study with --archive-changed and rerun it"
         )
-    storage.keep_best_weights(body, storage.best_weights_path(results_dir, study.study_name))
-    previous = storage.BestTrialScore.of(study)
-    if previous and previous.trial == best.number:
-        return previous
     device = splits.test_images.device
     config = runner.stored_config(study.study_name, best)
     model = build_model(config.arch, config.dropout).to(device)

@@ -173,6 +173,15 @@ def test_a_short_study_on_real_data_runs_reports_and_resumes(tmp_path):
     report = fmsearch("report", "smoke", "--storage", storage, cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "results" / "smoke" / "summary.md").read_text().startswith("# Study `smoke`")
+    assert "storage.json (the trials, for `fmsearch import`)" in report.stdout
+
+    # A fresh checkout: the storage is gone, the committed trials are not. The same command resumes.
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    moved = fmsearch("study", smoke, "--trials", "1", "--epochs", "2", "--storage", elsewhere, cwd=tmp_path)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "resuming from results/smoke/storage.json" in moved.stdout
+    assert "smoke/labels=10%: 1 trials (1 complete, 0 pruned, 0 fail)" in moved.stdout
+    assert "nothing left to search" in moved.stdout and "test_accuracy" in moved.stdout
 
 
 @needs_real_data
