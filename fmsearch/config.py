@@ -17,6 +17,9 @@ SCHEDULES = ("none", "step", "cosine")
 UNLABELED = ("skip", "pseudo", "distill", "vat")
 VIEWS = ("weak", "strong")  # semi.weak_augment, semi.strong_augment
 DISTILL_ON = ("unlabeled", "labeled")  # the images distill's soft-target batches draw from
+# How distill's teachers (and a warm start's control) train: the fixed labels-only control recipe, or
+# the student's own optimizer, lr, dropout, weight decay, schedule and augmentation (teachers.recipe)
+TEACHER_RECIPES = ("control", "student")
 MONITORS = ("val_loss", "val_accuracy")
 # The meaning of training: raise it with any change to the code that makes the same TrainConfig learn
 # something else (an objective's arithmetic, the teacher recipe, augmentation, the split). A study's
@@ -80,6 +83,15 @@ class TrainConfig:
         30,
         "distill: most epochs of each teacher; pseudo: of the control it warm-starts from",
         low=1,
+        objectives=("distill", "pseudo"),
+        recipe=True,
+    )
+    teacher_recipe: str = param(
+        "control",
+        "distill: teachers train as the labels-only control (adam 1e-3) or as the student (its optimizer, "
+        "lr, dropout, weight decay, schedule, augmentation): then teacher 0 is the labels-only run of "
+        "the same configuration",
+        choices=TEACHER_RECIPES,
         objectives=("distill", "pseudo"),
         recipe=True,
     )

@@ -50,7 +50,7 @@ class ConditionCost:
     trials: int  # still to run: a resumed study costs what is left
     epoch_seconds: dict[str, float]  # unlabeled objective -> measured seconds of one epoch; {}: none left
     team_seconds: float = 0.0  # training one team of teachers (one architecture, one seed)
-    teams: int = 0  # the teams its search can ask for: one per architecture, none cached
+    teams: int = 0  # the teams its search can ask for: one per architecture (or per trial), none cached
 
     def search_seconds(self) -> float:
         if not self.trials:
@@ -113,7 +113,9 @@ def plan(spec: StudySpec, splits: data.Splits, left: dict[str, int] | None = Non
             run = speed.settle(config, device)
             cost.epoch_seconds[config.unlabeled] = engine.time_epoch(config, splits, run).seconds
             if teachers.count(config):
-                cost.team_seconds, cost.teams = _team_seconds(config, splits, run), archs
+                # Teachers that train as the student does differ with every searched training setting.
+                own = config.teacher_recipe == "student" and set(teachers.STUDENT_TRAINING) & set(spec.space)
+                cost.team_seconds, cost.teams = _team_seconds(config, splits, run), trials if own else archs
         conditions.append(cost)
     execution = speed.settle(engine.TrainConfig(), device)
     return Plan(spec.confirm.seeds, execution, conditions)

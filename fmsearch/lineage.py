@@ -55,20 +55,43 @@ def fingerprint(spec: StudySpec, condition: dict[str, Any], config: data.DataCon
     return json.loads(json.dumps(record))  # tuples -> lists, as the storage gives them back
 
 
+def objectives(given: dict[str, Any], space_choices: list | tuple | None) -> set[str]:
+    """The `unlabeled` objectives some trial of a condition may run: its fixed or condition value (else
+    the default), and every choice where the space searches `unlabeled`."""
+    found = {given["unlabeled"]} if "unlabeled" in given else {PARAMETERS["unlabeled"].default}
+    return found | set(space_choices or ())
+
+
+def reads(name: str, objectives: set[str]) -> bool:
+    """Whether a condition running these objectives ever reads training parameter `name`."""
+    declared = PARAMETERS.get(name)
+    return declared is None or not declared.objectives or bool(objectives & set(declared.objectives))
+
+
 def defaults(spec: StudySpec, condition: dict[str, Any]) -> dict[str, Any]:
     """The code's defaults that decide a condition's results: every training parameter the study file
     leaves to TrainConfig and that some trial of it may read (vat's only where vat may run). How a run
     executes (config.SETTINGS) is left out: chosen per machine, it moves speed, not accuracy."""
     given = {**spec.fixed, **condition}
-    objectives = {given["unlabeled"]} if "unlabeled" in given else {PARAMETERS["unlabeled"].default}
-    if isinstance(spec.space.get("unlabeled"), Categorical):
-        objectives |= set(spec.space["unlabeled"].choices)
+    unlabeled = spec.space.get("unlabeled")
+    running = objectives(given, unlabeled.choices if isinstance(unlabeled, Categorical) else None)
     return {
         name: declared.default
         for name, declared in PARAMETERS.items()
         if name not in given and name not in spec.space and name not in SETTINGS and name != "monitor"
-        if not declared.objectives or objectives & set(declared.objectives)
+        if reads(name, running)
     }
+
+
+def unread_fixed_change(change: str, fingerprint: dict[str, Any]) -> bool:
+    """A change of a [fixed] setting that no trial of the condition reads (distill's teachers under full
+    labels): it leaves the condition's trials meaning what they meant."""
+    match = re.fullmatch(r"fixed\.(\w+)(?: added| removed|: .*)", change)
+    if not match:
+        return False
+    given = {**fingerprint["fixed"], **fingerprint["condition"]}
+    unlabeled = fingerprint["space"].get("unlabeled", {})
+    return not reads(match.group(1), objectives(given, unlabeled.get("choices")))
 
 
 NEW_PARAMETER = re.compile(r"defaults\.\w+ added")
@@ -182,7 +205,14 @@ def settle_changes(
         old = study.user_attrs.get(Attr.FINGERPRINT)
         if old is not None and "training" in old:
             # A parameter added to the code since comes in at a default that trains as before.
-            changes = [c for c in fingerprint_changes(old, new) if not NEW_PARAMETER.fullmatch(c)]
+            # So does a [fixed] setting the condition never reads, added, removed or changed.
+            changes = [
+                c
+                for c in fingerprint_changes(old, new)
+                if not NEW_PARAMETER.fullmatch(c)
+                and not unread_fixed_change(c, old)
+                and not unread_fixed_change(c, new)
+            ]
         elif old is not None:  # from before versions: what it recorded is compared, the rest unproven
             changes = [UNPROVEN] + fingerprint_changes(old, {k: v for k, v in new.items() if k in old})
         else:

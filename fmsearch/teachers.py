@@ -3,12 +3,14 @@ A warm-started pseudo run asks for teacher 0 alone, and starts from its weights.
 
 Each teacher trains on the student's labeled subset with the strongest labels-only recipe measured
 (adam 1e-3, cosine, patience 5; weak augmentation for the plain CNN only, which it helps and the
-adaptive CNN it hurts). Teacher k uses seed `seed + 1000 * k`, so teacher 0 is the labels-only
-control of the same seed. A teacher is cached under a key of everything that determines it: the
-pool, validation and labeled images, its training config and its seed. Trials that share a subset
-share teachers; a changed key trains a new one. An entry holds the teacher's logits, plain and
-mirrored, on the pool, the validation and the test images, so a trial that reuses it runs no model:
-its targets and its ensemble's scores are arithmetic on those logits.
+adaptive CNN it hurts), or, under teacher_recipe "student", as the student does on its labels, so
+that a study searching lr and dropout tunes its teachers too. Teacher k uses seed
+`seed + 1000 * k`, so teacher 0 is the labels-only control of the same seed. A teacher is cached
+under a key of everything that determines it: the pool, validation and labeled images, its training
+config and its seed. Trials that share a subset and a recipe share teachers; a changed key trains a
+new one. An entry holds the teacher's logits, plain and mirrored, on the pool, the validation and
+the test images, so a trial that reuses it runs no model: its targets and its ensemble's scores are
+arithmetic on those logits.
 """
 
 from __future__ import annotations
@@ -37,9 +39,16 @@ CACHE_VERSION = 2  # 2: an entry holds the validation and test logits too; older
 SPLITS = ("pool", "val", "test")  # the images an entry holds logits for
 
 
+# What a teacher takes from its student under teacher_recipe "student": how the student trains on labels.
+STUDENT_TRAINING = ("optimizer", "lr", "dropout", "weight_decay", "nesterov", "schedule", "augment")
+
+
 def recipe(config: TrainConfig, k: int) -> TrainConfig:
-    """Teacher k's training config for a student `config`: labels only, the control's recipe."""
-    return replace(
+    """Teacher k's training config for a student `config`: labels only, on the student's subset, for
+    teacher_epochs with patience 5, by the control's recipe (adam 1e-3, cosine, weak augmentation for
+    the plain CNN only) or, under teacher_recipe "student", by the student's own (STUDENT_TRAINING).
+    The two agree for a student at the control's settings, and then share cache entries."""
+    teacher = replace(
         TrainConfig(),
         arch=config.arch,
         seed=config.seed + SEED_STRIDE * k,
@@ -51,6 +60,9 @@ def recipe(config: TrainConfig, k: int) -> TrainConfig:
         patience=5,
         augment=config.arch == "plain",
     )
+    if config.teacher_recipe == "student":
+        teacher = replace(teacher, **{name: getattr(config, name) for name in STUDENT_TRAINING})
+    return teacher
 
 
 def _digest(*tensors: torch.Tensor) -> str:

@@ -173,3 +173,21 @@ def test_archive_changed_keeps_the_old_trials_and_starts_afresh(finished_study, 
 
 # With 1,000 pool images, 995 labeled leave 5 unlabeled: fewer than the 10 classes a stratified
 # split needs, so the trial raises inside fit, as a bug would, however the study file was checked.
+
+
+def test_a_fixed_setting_no_trial_of_the_condition_reads_is_no_change(finished_study, tmp_path, tiny):
+    """distill's teacher settings added to [fixed] leave a full-label condition's trials as they were,
+    and change a distill condition's."""
+    folder = _copy_of(finished_study, tmp_path)
+    url = f"sqlite:///{folder}/studies.db"
+    fixed = "optimizer = 'adam'\nteacher_recipe = 'student'\nteachers = 3"
+    resumed = run_tiny_study(folder, tiny, study_text(trials=3, max_epochs=1, fixed=fixed), name="fp")
+    assert len(trials_of(url, SNAPSHOT)) == 3
+    recorded = optuna.load_study(study_name=SNAPSHOT, storage=url).user_attrs["fingerprint"]
+    assert lineage.unread_fixed_change("fixed.teacher_recipe added", recorded)
+    assert not lineage.unread_fixed_change("fixed.optimizer: 'adam' -> 'sgd'", recorded)
+    distill = {**recorded, "condition": {"labeled_fraction": 0.5, "unlabeled": "distill"}}
+    assert not lineage.unread_fixed_change("fixed.teacher_recipe added", distill)
+    searched = {**recorded, "space": {**recorded["space"], "unlabeled": {"choices": ["skip", "distill"]}}}
+    assert not lineage.unread_fixed_change("fixed.teachers: 3 -> 5", searched)
+    assert resumed.summaries[0].finished == 3

@@ -188,3 +188,16 @@ def test_a_warm_started_pseudo_run_begins_where_the_control_ended(tiny_splits, t
     cold = runner.run(replace(frozen, warm_start=False), tiny_splits, tmp_path)
     assert cold.team is None
     assert cold.result.history[0]["val_accuracy"] != run.result.history[0]["val_accuracy"]
+
+
+def test_under_the_student_recipe_teacher_zero_is_the_labels_only_run_of_the_same_configuration():
+    student = replace(CONFIG, arch="adaptive", lr=3e-3, dropout=0.1, weight_decay=1e-4, augment=True)
+    control = teachers.recipe(student, 0)
+    assert (control.lr, control.dropout, control.weight_decay, control.augment) == (1e-3, 0.25, 0.0, False)
+    own = teachers.recipe(replace(student, teacher_recipe="student"), 0)
+    assert (own.lr, own.dropout, own.weight_decay, own.augment) == (3e-3, 0.1, 1e-4, True)
+    assert (own.unlabeled, own.epochs, own.patience, own.seed) == ("skip", 2, 5, student.seed)
+    # A student at the control's own settings gets the control's teachers under either recipe, and
+    # so reads the same cache entries.
+    default = replace(CONFIG, arch="plain", augment=True, schedule="cosine")
+    assert teachers.recipe(replace(default, teacher_recipe="student"), 1) == teachers.recipe(default, 1)

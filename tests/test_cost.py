@@ -1,0 +1,19 @@
+"""What `fmsearch study` says a study will cost, before it runs."""
+
+from fmsearch import cost, spec
+from tests.conftest import SPACE, study_text, write_study
+
+
+def test_teachers_that_train_as_the_student_are_priced_once_per_trial(tmp_path, tiny_splits):
+    """Control teachers are cached per architecture; a student-recipe team differs with each trial's lr."""
+    teams = {}
+    for recipe in ("control", "student"):
+        fixed = f"optimizer = 'adam'\nteachers = 1\nteacher_epochs = 1\nteacher_recipe = '{recipe}'"
+        text = study_text(trials=4, max_epochs=1, fixed=fixed, space=SPACE).replace(
+            "labeled_fraction = [1.0]", "labeled_fraction = [0.5]\nunlabeled = ['distill']"
+        )
+        plan = cost.plan(spec.parse(write_study(tmp_path, text, name=recipe)), tiny_splits)
+        (condition,) = plan.conditions
+        assert condition.team_seconds > 0
+        teams[recipe] = condition.teams
+    assert teams == {"control": 2, "student": 4}  # two architectures; four trials
