@@ -206,7 +206,7 @@ def test_every_training_parameter_is_a_flag_that_reaches_the_config():
 
     changed = {"arch": "adaptive", "optimizer": "sgd", "schedule": "cosine", "unlabeled": "pseudo"}
     changed |= {"monitor": "val_accuracy", "labeled_fraction": 0.5, "tau": 0.5, "dropout": 0.5}
-    changed |= {"student_view": "strong", "distill_on": "labeled"}
+    changed |= {"student_view": "strong", "distill_on": "labeled", "teacher_recipe": "student"}
     argv = ["train"]
     for p in parameters(engine.TrainConfig).values():
         flag = "--" + p.name.replace("_", "-")
