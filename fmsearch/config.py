@@ -198,7 +198,8 @@ def train_flags(config: dict[str, Any]) -> list[str]:
     """The `fmsearch train` flags that rebuild `config` (a TrainConfig as a dict, as a trial records it).
 
     Each field that differs from its default gets its flag, and ALWAYS_STATED fields get theirs
-    whatever their value; the execution SETTINGS are left to the machine that runs the command.
+    whatever their value; a field only other unlabeled objectives read (distill's mixup on a skip run)
+    and the execution SETTINGS, left to the machine that runs the command, get none.
     Raises ConfigError for a key TrainConfig does not have (a config of another fmsearch version).
     """
     declared = parameters(TrainConfig)
@@ -208,6 +209,8 @@ def train_flags(config: dict[str, Any]) -> list[str]:
     flags = []
     for name, p in declared.items():
         if name not in config or name in SETTINGS:
+            continue
+        if p.objectives and config.get("unlabeled", declared["unlabeled"].default) not in p.objectives:
             continue
         value = config[name]
         if value == p.default and name not in ALWAYS_STATED:

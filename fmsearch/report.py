@@ -49,6 +49,7 @@ from fmsearch.storage import (  # noqa: E402
 )
 
 DPI = 160
+FIGURES = ("curves.png", "fraction.png", "search.png", "importance.png", "classes.png", "confusion.png")
 CURVE_PANELS = (
     ("train_loss", "Train loss", "cross-entropy (nats)"),
     ("val_loss", "Validation loss", "cross-entropy (nats)"),
@@ -397,6 +398,7 @@ def plot_curves(conditions: list[Condition], out: Path) -> Path:
                     linewidth=2.4,
                     label=f"{c.label} (best trial #{best.trial.iloc[0]})",
                 )
+        _frame_the_bold(ax, frame, metric, lower_is_better=metric.endswith("loss"))
         ax.set_title(title)
         ax.set_xlabel("epoch" if ax in axes[1] else "")  # the shared axis is labeled under the bottom row
         ax.set_ylabel(unit)
@@ -655,6 +657,26 @@ def _point(ax: plt.Axes, x: float, score: Score, colour: Any, marker: str) -> No
         )
 
 
+def _frame_the_bold(ax: plt.Axes, frame: pd.DataFrame, metric: str, lower_is_better: bool) -> None:
+    """Keep a panel's scale for the curves worth reading: the bold best ones and the bulk of the rest.
+    A dead or diverging trial (a loss flat at 2.3 nats, accuracy at chance) runs off the panel rather
+    than squeezing every other curve into a sliver."""
+    values = frame[metric].dropna()
+    if values.empty:
+        return
+    bold = frame.loc[frame.best, metric].dropna()
+    if lower_is_better:
+        top = max(values.quantile(0.9), bold.max() if not bold.empty else values.min())
+        if top < values.max():
+            bottom = values.min()
+            ax.set_ylim(bottom - 0.05 * (top - bottom), top + 0.05 * (top - bottom))
+    else:
+        bottom = min(values.quantile(0.1), bold.min() if not bold.empty else values.max())
+        if bottom > values.min():
+            top = values.max()
+            ax.set_ylim(bottom - 0.05 * (top - bottom), top + 0.05 * (top - bottom))
+
+
 def plot_fraction(conditions: list[Condition], out: Path) -> Path | None:
     """fraction.png: test accuracy against the label budget (log axis), labels-only and the best
     objective at each budget, full labels as a band. None with fewer than two scored budgets."""
@@ -718,7 +740,8 @@ def plot_fraction(conditions: list[Condition], out: Path) -> Path | None:
         "labeled images (log scale)" if by_images else "labeled fraction of the training pool (log scale)"
     )
     ax.set_ylabel(TEST_ACCURACY)
-    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    # Under the axes, where no point can sit beneath it.
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncol=2, frameon=False)
     ax.set_title(
         "Test accuracy against the label budget\n(at each budget, the objective of best validation accuracy)",
         fontsize=11,
@@ -1169,6 +1192,8 @@ def write_report(storage, name: str, results_dir: Path, artifact_store=None) -> 
         )
         if p
     ]
+    for stale in set(FIGURES) - {p.name for p in images}:  # drawn by an earlier report, not by this one
+        (out / stale).unlink(missing_ok=True)
     write_trials(conditions, out)
     description = conditions[0].study.user_attrs.get(Attr.DESCRIPTION, "")
     summary = out / "summary.md"

@@ -237,6 +237,10 @@ def test_train_flags_rebuild_a_config_through_the_train_parser():
     assert cli.train_config(args) == replace(config, **dict.fromkeys(SETTINGS))  # left to the machine
     stated = ["--epochs", "10", "--batch-size", "64", "--patience", "3", "--monitor", "val_loss"]
     assert train_flags(asdict(TrainConfig())) == stated  # a run's length and stopping rule, always
+    # A study's [fixed] distill settings reach every condition's config; a skip run never reads them.
+    skip = asdict(TrainConfig(mixup=0.4, teachers=3, teacher_recipe="student", augment=True))
+    assert train_flags(skip) == [*stated, "--augment"]
+    assert "--mixup" in train_flags({**skip, "unlabeled": "distill"})
 
 
 def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):

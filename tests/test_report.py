@@ -95,9 +95,14 @@ def test_an_unknown_study_is_named_with_the_command_to_run(tmp_path):
 
 def test_a_single_condition_study_draws_no_fraction_plot(tmp_path, tiny):
     run = run_tiny_study(tmp_path, tiny, TINY_STUDY.replace("[1.0, 0.5]", "[0.5]"), name="single")
+    earlier = tmp_path / "results" / "single" / "fraction.png"  # an earlier report's, of other trials
+    earlier.parent.mkdir(parents=True, exist_ok=True)  # the study wrote its best weights there
+    earlier.write_bytes(b"an old figure")
+    (earlier.parent / "mine.png").write_bytes(b"the user's own")
     _, images = report.write_report(run.storage, "single", tmp_path / "results")
     names = {p.name for p in images}
     assert "fraction.png" not in names and {"curves.png", "search.png", "confusion.png"} <= names
+    assert not earlier.exists() and (earlier.parent / "mine.png").exists()  # only fmsearch's own go
 
 
 def test_a_study_that_searches_nothing_draws_no_search_plot(tmp_path, tiny):
