@@ -665,16 +665,14 @@ def _frame_the_bold(ax: plt.Axes, frame: pd.DataFrame, metric: str, lower_is_bet
     if values.empty:
         return
     bold = frame.loc[frame.best, metric].dropna()
-    if lower_is_better:
-        top = max(values.quantile(0.9), bold.max() if not bold.empty else values.min())
-        if top < values.max():
-            bottom = values.min()
-            ax.set_ylim(bottom - 0.05 * (top - bottom), top + 0.05 * (top - bottom))
+    low, high = values.min(), values.max()
+    if lower_is_better:  # the worst values are the high ones: cut the top
+        high = max(values.quantile(0.9), bold.max() if not bold.empty else low)
     else:
-        bottom = min(values.quantile(0.1), bold.min() if not bold.empty else values.max())
-        if bottom > values.min():
-            top = values.max()
-            ax.set_ylim(bottom - 0.05 * (top - bottom), top + 0.05 * (top - bottom))
+        low = min(values.quantile(0.1), bold.min() if not bold.empty else high)
+    if (low, high) != (values.min(), values.max()):
+        pad = 0.05 * (high - low)
+        ax.set_ylim(low - pad, high + pad)
 
 
 def plot_fraction(conditions: list[Condition], out: Path) -> Path | None:

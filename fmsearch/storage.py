@@ -682,10 +682,13 @@ def study_name(spec_name: str, condition: str) -> str:
     return f"{spec_name}/{condition}" if condition else spec_name
 
 
+CONFIRM = "@confirm"  # a spec name's suffix for its confirmation studies (confirm_name)
+
+
 def confirm_name(name: str) -> str:
     """The confirmation study of a condition: 'semi/labels=10%' -> 'semi@confirm/labels=10%'."""
     spec_name, condition = study_name_parts(name)
-    return study_name(f"{spec_name}@confirm", condition)
+    return study_name(spec_name + CONFIRM, condition)
 
 
 def confirmation_reruns(study: optuna.Study, source_trial: int) -> dict[int, FrozenTrial]:

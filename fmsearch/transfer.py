@@ -26,11 +26,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fmsearch.errors import FmsearchError
 from fmsearch.files import write_atomic
-from fmsearch.storage import ARTIFACT_LINK, STALE, Attr, study_name_parts
+from fmsearch.storage import ARTIFACT_LINK, CONFIRM, STALE, Attr, study_name_parts
 
 FORMAT = "fmsearch-trials/1"
 FILE_NAME = "storage.json"
-CONFIRM_SUFFIX = "@confirm"
 
 
 class TransferError(FmsearchError):
@@ -48,7 +47,7 @@ def study_names(storage, name: str) -> list[str]:
     return [
         n
         for n in optuna.get_all_study_names(storage=storage)
-        if study_name_parts(n)[0] in (name, name + CONFIRM_SUFFIX)
+        if study_name_parts(n)[0] in (name, name + CONFIRM)
     ]
 
 
