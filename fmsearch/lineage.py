@@ -8,7 +8,6 @@ old trials under an archived name and starts afresh; nothing is deleted until th
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -83,18 +82,25 @@ def defaults(spec: StudySpec, condition: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def unread_fixed_change(change: str, fingerprint: dict[str, Any]) -> bool:
-    """A change of a [fixed] setting that no trial of the condition reads (distill's teachers under full
-    labels): it leaves the condition's trials meaning what they meant."""
-    match = re.fullmatch(r"fixed\.(\w+)(?: added| removed|: .*)", change)
-    if not match:
-        return False
+def _as_read(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint less the [fixed] settings no trial of its condition reads (distill's teachers
+    under full labels): adding, removing or changing one leaves the trials meaning what they meant."""
     given = {**fingerprint["fixed"], **fingerprint["condition"]}
-    unlabeled = fingerprint["space"].get("unlabeled", {})
-    return not reads(match.group(1), objectives(given, unlabeled.get("choices")))
+    running = objectives(given, fingerprint["space"].get("unlabeled", {}).get("choices"))
+    return {**fingerprint, "fixed": {k: v for k, v in fingerprint["fixed"].items() if reads(k, running)}}
 
 
-NEW_PARAMETER = re.compile(r"defaults\.\w+ added")
+def meaningful_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What changed between two versioned fingerprints that gives the trials another meaning.
+
+    Left out: a parameter added to the code since (it comes in at a default that trains as before),
+    and a [fixed] setting that no trial of the condition reads.
+    """
+    if "defaults" in old and "defaults" in new:
+        new = {**new, "defaults": {k: v for k, v in new["defaults"].items() if k in old["defaults"]}}
+    return fingerprint_changes(_as_read(old), _as_read(new))
+
+
 UNPROVEN = (
     f"training: not recorded (the study predates versioned training), so its trials cannot be shown to "
     f"have trained as version {TRAINING_VERSION} does, nor with today's defaults"
@@ -204,15 +210,7 @@ def settle_changes(
             continue
         old = study.user_attrs.get(Attr.FINGERPRINT)
         if old is not None and "training" in old:
-            # A parameter added to the code since comes in at a default that trains as before.
-            # So does a [fixed] setting the condition never reads, added, removed or changed.
-            changes = [
-                c
-                for c in fingerprint_changes(old, new)
-                if not NEW_PARAMETER.fullmatch(c)
-                and not unread_fixed_change(c, old)
-                and not unread_fixed_change(c, new)
-            ]
+            changes = meaningful_changes(old, new)
         elif old is not None:  # from before versions: what it recorded is compared, the rest unproven
             changes = [UNPROVEN] + fingerprint_changes(old, {k: v for k, v in new.items() if k in old})
         else:

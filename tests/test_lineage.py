@@ -171,10 +171,6 @@ def test_archive_changed_keeps_the_old_trials_and_starts_afresh(finished_study, 
     assert storage.DatabaseArtifactStore(rdb).open_reader(metas[0].artifact_id).read()
 
 
-# With 1,000 pool images, 995 labeled leave 5 unlabeled: fewer than the 10 classes a stratified
-# split needs, so the trial raises inside fit, as a bug would, however the study file was checked.
-
-
 def test_a_fixed_setting_no_trial_of_the_condition_reads_is_no_change(finished_study, tmp_path, tiny):
     """distill's teacher settings added to [fixed] leave a full-label condition's trials as they were,
     and change a distill condition's."""
@@ -184,10 +180,20 @@ def test_a_fixed_setting_no_trial_of_the_condition_reads_is_no_change(finished_s
     resumed = run_tiny_study(folder, tiny, study_text(trials=3, max_epochs=1, fixed=fixed), name="fp")
     assert len(trials_of(url, SNAPSHOT)) == 3
     recorded = optuna.load_study(study_name=SNAPSHOT, storage=url).user_attrs["fingerprint"]
-    assert lineage.unread_fixed_change("fixed.teacher_recipe added", recorded)
-    assert not lineage.unread_fixed_change("fixed.optimizer: 'adam' -> 'sgd'", recorded)
-    distill = {**recorded, "condition": {"labeled_fraction": 0.5, "unlabeled": "distill"}}
-    assert not lineage.unread_fixed_change("fixed.teacher_recipe added", distill)
-    searched = {**recorded, "space": {**recorded["space"], "unlabeled": {"choices": ["skip", "distill"]}}}
-    assert not lineage.unread_fixed_change("fixed.teachers: 3 -> 5", searched)
+
+    def fixing(fingerprint, **settings):
+        return {**fingerprint, "fixed": {**fingerprint["fixed"], **settings}}
+
+    assert lineage.meaningful_changes(recorded, fixing(recorded, teacher_recipe="control")) == []
+    assert lineage.meaningful_changes(recorded, fixing(recorded, optimizer="sgd")) == [
+        "fixed.optimizer: 'adam' -> 'sgd'"
+    ]
+    distill = fixing(recorded, teacher_recipe="student")
+    distill["condition"] = {"labeled_fraction": 0.5, "unlabeled": "distill"}
+    assert "fixed.teacher_recipe: 'student' -> 'control'" in lineage.meaningful_changes(
+        distill, fixing(distill, teacher_recipe="control")
+    )
+    searched = fixing(recorded, teachers=3)
+    searched["space"] = {**recorded["space"], "unlabeled": {"choices": ["skip", "distill"]}}
+    assert lineage.meaningful_changes(searched, fixing(searched, teachers=5)) == ["fixed.teachers: 3 -> 5"]
     assert resumed.summaries[0].finished == 3
