@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +57,21 @@ def _stamp(moment: datetime.datetime | None) -> str | None:
 
 
 def _trial_record(trial: FrozenTrial, now: datetime.datetime) -> dict[str, Any]:
-    """One trial as JSON. A trial still running (or waiting) is written as failed, as a dead worker's
-    trial becomes: its number is kept, and it does not count toward the study's trials."""
+    """One trial as JSON. A trial still running is written as failed, as a dead worker's trial becomes:
+    its number is kept, and it does not count toward the study's trials. An enqueued trial not yet
+    started stays waiting, its parameters with it, so the study still runs it."""
     user_attrs = {k: v for k, v in trial.user_attrs.items() if k != Attr.WEIGHTS}  # weights stay behind
-    state, complete = trial.state, trial.datetime_complete
-    if not state.is_finished():
+    state, start, complete = trial.state, trial.datetime_start, trial.datetime_complete
+    if state == TrialState.RUNNING:
         state, complete = TrialState.FAIL, now
         user_attrs[Attr.STOP_REASON] = STALE
+    if state != TrialState.WAITING:
+        start = start or now
     return {
         "number": trial.number,
         "state": state.name,
         "values": trial.values,
-        "datetime_start": _stamp(trial.datetime_start or now),
+        "datetime_start": _stamp(start),
         "datetime_complete": _stamp(complete),
         "params": trial.params,
         "distributions": {k: distribution_to_json(d) for k, d in trial.distributions.items()},
@@ -130,7 +134,9 @@ def _frozen(record: dict[str, Any]) -> FrozenTrial:
         state=TrialState[record["state"]],
         value=None,
         values=values,
-        datetime_start=datetime.datetime.fromisoformat(record["datetime_start"]),
+        datetime_start=(
+            datetime.datetime.fromisoformat(record["datetime_start"]) if record["datetime_start"] else None
+        ),
         datetime_complete=(
             datetime.datetime.fromisoformat(record["datetime_complete"])
             if record["datetime_complete"]
@@ -179,10 +185,10 @@ def import_studies(storage, payload: dict[str, Any]) -> list[str]:
                 f"{name}: the trials came back as numbers {numbers[:3]}..., not the file's: the file was "
                 "edited; restore it from git and import into a storage without the study"
             )
-        counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
-        done.append(
-            f"{name}: {len(trials)} trials ({', '.join(f'{n} {s.lower()}' for s, n in counts.items())})"
-        )
+        counts = Counter(t.state.name for t in trials)
+        states = ("COMPLETE", "PRUNED", "FAIL") + (("WAITING",) if counts["WAITING"] else ())
+        shown = ", ".join(f"{counts[s]} {s.lower()}" for s in states)
+        done.append(f"{name}: {len(trials)} trials ({shown})")
     return done
 
 

@@ -64,7 +64,7 @@ def test_an_exported_study_comes_back_the_same_and_resumes_from_there(tiny_study
         assert summary.test is not None and summary.test.trial == summary.best_trial
 
 
-def test_a_running_trial_is_exported_as_failed_and_keeps_every_number(tmp_path):
+def test_a_running_trial_is_exported_as_failed_an_enqueued_one_as_waiting_and_every_number_kept(tmp_path):
     url = f"sqlite:///{tmp_path}/studies.db"
     study = optuna.create_study(storage=url, study_name="s/labels=10%", direction="maximize")
     for value in (0.5, 0.7):
@@ -74,6 +74,7 @@ def test_a_running_trial_is_exported_as_failed_and_keeps_every_number(tmp_path):
         study.tell(trial, value)
     running = study.ask({"x": optuna.distributions.FloatDistribution(0, 2)})
     study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 2)}), state=TrialState.PRUNED)
+    study.enqueue_trial({"x": 1.5})
     confirm = optuna.create_study(storage=url, study_name="s@confirm/labels=10%", direction="maximize")
     confirm.add_trial(
         optuna.trial.create_trial(value=0.6, user_attrs={storage.Attr.SOURCE_TRIAL: 1, "config": {"seed": 1}})
@@ -85,7 +86,7 @@ def test_a_running_trial_is_exported_as_failed_and_keeps_every_number(tmp_path):
     target = f"sqlite:///{tmp_path}/target.db"
     said = transfer.import_studies(target, payload)
     assert said == [
-        "s/labels=10%: 4 trials (2 complete, 1 pruned, 1 fail)",
+        "s/labels=10%: 5 trials (2 complete, 1 pruned, 1 fail, 1 waiting)",
         "s@confirm/labels=10%: 1 trials (1 complete, 0 pruned, 0 fail)",
     ]
     trials = optuna.load_study(study_name="s/labels=10%", storage=target).trials
@@ -94,10 +95,14 @@ def test_a_running_trial_is_exported_as_failed_and_keeps_every_number(tmp_path):
         (1, TrialState.COMPLETE),
         (running.number, TrialState.FAIL),
         (3, TrialState.PRUNED),
+        (4, TrialState.WAITING),
     ]
     assert trials[running.number].user_attrs[storage.Attr.STOP_REASON] == storage.STALE
     assert not any(storage.is_finished(t) for t in trials if t.state == TrialState.FAIL)  # it does not count
     assert trials[1].intermediate_values == {0: 0.35} and storage.Attr.WEIGHTS not in trials[1].user_attrs
+    # the enqueued trial is the next one the study runs, with its parameters
+    imported = optuna.load_study(study_name="s/labels=10%", storage=target)
+    assert imported.ask({"x": optuna.distributions.FloatDistribution(0, 2)}).params == {"x": 1.5}
     reruns = optuna.load_study(study_name="s@confirm/labels=10%", storage=target).trials
     assert reruns[0].user_attrs[storage.Attr.SOURCE_TRIAL] == 1
 
