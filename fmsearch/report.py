@@ -728,15 +728,7 @@ def plot_fraction(conditions: list[Condition], out: Path) -> Path | None:
             [], [], color="0.3", marker="o", markerfacecolor="white", linestyle="", label="a single run"
         ),
     ]
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.xaxis.set_major_formatter(
-        matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:,.0f}" if by_images else f"{x:g}")
-    )
-    ax.set_xlabel(
-        "labeled images (log scale)" if by_images else "labeled fraction of the training pool (log scale)"
-    )
+    _budget_axis(ax, {_x_of(b, by_images) for b in found if b.labels_only or b.objective}, by_images)
     ax.set_ylabel(TEST_ACCURACY)
     # Under the axes, where no point can sit beneath it.
     fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncol=2, frameon=False)
@@ -745,6 +737,25 @@ def plot_fraction(conditions: list[Condition], out: Path) -> Path | None:
         fontsize=11,
     )
     return _save(fig, out / "fraction.png")
+
+
+def _budget_axis(ax: plt.Axes, xs: set[float], by_images: bool) -> None:
+    """A log axis of label budgets, ticked at 1-2-5; one budget alone (full labels being the band) gets
+    an axis of its own width, ticked at that budget, rather than decades with one point in them."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if len(xs) == 1:
+        (x,) = xs
+        ax.set_xlim(x / 2, x * 2)
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([x]))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.xaxis.set_major_formatter(
+        matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:,.0f}" if by_images else f"{x:g}")
+    )
+    ax.set_xlabel(
+        "labeled images (log scale)" if by_images else "labeled fraction of the training pool (log scale)"
+    )
 
 
 def _full_band(ax: plt.Axes, score: Score, colour: Any, label: str) -> matplotlib.patches.Patch:

@@ -396,3 +396,16 @@ def test_a_best_value_at_the_edge_of_an_int_or_float_range_is_warned_about(tmp_p
     titles = {ax.get_title() for ax in figure.axes}
     report.plt.close(figure)
     assert "warmup_epochs\nbest at the edge of its range in edge" in titles
+
+
+def test_a_single_label_budget_gets_an_axis_of_its_own_width():
+    """One hidden-label budget (and full labels as the band) is not spread over decades."""
+    fig, (one, several) = report.plt.subplots(1, 2)
+    several.plot([500, 5000], [0.8, 0.9])
+    report._budget_axis(one, {5000}, by_images=True)
+    report._budget_axis(several, {500, 5000}, by_images=True)
+    assert one.get_xlim() == (2500, 10000) and list(one.get_xticks()) == [5000]
+    assert one.xaxis.get_major_formatter()(5000, 0) == "5,000"
+    low, high = several.get_xlim()
+    assert low <= 500 and high >= 5000 and one.get_xscale() == several.get_xscale() == "log"
+    report.plt.close(fig)
