@@ -31,7 +31,8 @@ study_flags = $(if $(TRIALS),--trials $(call q,$(TRIALS))) --jobs $(call q,$(JOB
 	$(if $(DEVICE),--device $(call q,$(DEVICE)))
 # TIME bounds the search and the confirmation together: both count from make's start (--since).
 STARTED := $(if $(TIME),$(shell date +%s))
-confirm_flags = $(if $(TRIALS),--trials $(call q,$(TRIALS))) $(if $(DEVICE),--device $(call q,$(DEVICE))) \
+confirm_flags = $(if $(TRIALS),--trials $(call q,$(TRIALS))) --jobs $(call q,$(JOBS)) \
+	$(if $(DEVICE),--device $(call q,$(DEVICE))) \
 	$(if $(TIME),--time $(call q,$(TIME)) --since $(call q,$(STARTED)))
 
 .DEFAULT_GOAL := help

@@ -578,7 +578,9 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     study_spec = spec.parse(spec.find(args.name, STUDIES_DIR)).overridden(args.trials, None)
     options = study.RunOptions(
         storage=args.storage,
+        jobs=args.jobs,
         device=engine.resolve_device(args.device),
+        results_dir=RESULTS_DIR,
         deadline=started + args.time if args.time else None,
     )
     storage.quiet_optuna()
@@ -596,9 +598,10 @@ def cmd_confirm(args: argparse.Namespace) -> None:
         f"confirming {study_spec.name}: each condition's best trial on {study_spec.confirm.seeds} new "
         f"seed{'s' if study_spec.confirm.seeds != 1 else ''}"
     )
-    for done in confirm.confirm(study_spec, rdb, splits, RESULTS_DIR, log=print, deadline=options.deadline):
+    for done in confirm.confirm(study_spec, rdb, splits, options, log=print):
         mean, sd, n = done.mean_sd()
-        print(f"{done.study_name}: trial #{done.source_trial}: test_accuracy {mean:.4f} ± {sd:.4f} (n={n})")
+        scores = f"test_accuracy {mean:.4f} ± {sd:.4f} (n={n})" if n else "no seed has finished yet"
+        print(f"{done.study_name}: trial #{done.source_trial}: {scores}")
 
 
 def _add_bench_command(sub) -> None:
@@ -662,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--trials",
         type=_positive_int,
         help="finished trials a condition's search needs before it is confirmed (default: the file's)",
+    )
+    p.add_argument(
+        "--jobs", type=_positive_int, default=1, help="worker processes sharing the reruns (default 1)"
     )
     p.add_argument(
         "--time",

@@ -1,5 +1,8 @@
 """confirm.py: each condition's best configuration rerun on new seeds, resumably."""
 
+import os
+from dataclasses import replace
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -24,12 +27,12 @@ def test_a_killed_confirmation_resumes_without_repeating_a_seed(tmp_path, tiny):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        confirm.confirm(run.spec, rdb, splits, run.options.results_dir, log=killed_after_the_first_seed)
+        confirm.confirm(run.spec, rdb, splits, run.options, log=killed_after_the_first_seed)
     optuna.load_study(study_name=storage.confirm_name(name), storage=rdb).ask()  # what a kill -9 leaves
     first = [(t.number, t.user_attrs["config"]["seed"]) for t in reruns(run.storage, name) if t.value]
     assert len(first) == 1
 
-    done = confirm.confirm(run.spec, rdb, splits, run.options.results_dir)[0]
+    done = confirm.confirm(run.spec, rdb, splits, run.options)[0]
     trials = reruns(run.storage, name)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert [(t.number, t.user_attrs["config"]["seed"]) for t in complete][:1] == first  # kept, not rerun
@@ -44,9 +47,30 @@ def test_a_killed_confirmation_resumes_without_repeating_a_seed(tmp_path, tiny):
         assert 0.0 < t.user_attrs["test"]["test_accuracy"] <= 1.0
 
     more = spec.parse(run.spec.path, text.replace("seeds = 2", "seeds = 3"))
-    again = confirm.confirm(more, rdb, splits, run.options.results_dir)[0]
+    again = confirm.confirm(more, rdb, splits, run.options)[0]
     assert sorted(again.test_accuracy) == [1, 2, 3]
     assert len([t for t in reruns(run.storage, name) if t.state == TrialState.COMPLETE]) == 3
+
+
+def test_two_workers_share_the_reruns_and_never_train_a_seed_twice(tmp_path, tiny):
+    """`fmsearch confirm --jobs 2`: two processes claim seeds under the confirmation study's gate."""
+    text = study_text(trials=1, max_epochs=1) + "\n[confirm]\nseeds = 4\n"
+    run = run_tiny_study(tmp_path, tiny, text, name="pair")
+    name = run.summaries[0].study_name
+    rdb = storage.open_storage(run.storage)
+    splits = study.load_splits(run.spec, run.options)
+    (done,) = confirm.confirm(run.spec, rdb, splits, replace(run.options, jobs=2))
+    trials = reruns(run.storage, name)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4  # no seed claimed twice, none failed
+    assert (
+        sorted(t.user_attrs["config"]["seed"] for t in trials) == [1, 2, 3, 4] == sorted(done.test_accuracy)
+    )
+    assert all(
+        t.user_attrs["worker"].split(":")[1] != str(os.getpid()) for t in trials
+    )  # the workers ran them
+    assert done.test_accuracy == {
+        t.user_attrs["config"]["seed"]: t.user_attrs["test"]["test_accuracy"] for t in trials
+    }
 
 
 def test_a_search_short_of_its_trials_or_past_its_deadline_is_not_confirmed(tmp_path, tiny):
@@ -58,16 +82,14 @@ def test_a_search_short_of_its_trials_or_past_its_deadline_is_not_confirmed(tmp_
     rdb = storage.open_storage(run.storage)
     splits = study.load_splits(run.spec, run.options)
     lines = []
-    assert (
-        confirm.confirm(run.spec.overridden(trials=3), rdb, splits, run.options.results_dir, lines.append)
-        == []
-    )
+    assert confirm.confirm(run.spec.overridden(trials=3), rdb, splits, run.options, lines.append) == []
     assert lines == [
         f"{name}: its search has 1 of 3 finished trials, and its best may still change: confirmed once "
         "the search ends (`fmsearch study short` resumes it)"
     ]
     lines.clear()
-    done = confirm.confirm(run.spec, rdb, splits, run.options.results_dir, lines.append, deadline=0.0)
+    late = replace(run.options, deadline=0.0)
+    done = confirm.confirm(run.spec, rdb, splits, late, lines.append)
     assert [d.test_accuracy for d in done] == [{}]
     assert lines == ["time budget reached: no rerun started after it; run the same command to resume"]
     assert not optuna.load_study(study_name=storage.confirm_name(name), storage=rdb).trials
@@ -84,7 +106,7 @@ def test_a_condition_that_searched_nothing_counts_its_own_trial_as_a_seed(tmp_pa
     rdb = storage.open_storage(run.storage)
     splits = study.load_splits(run.spec, run.options)
     own = run.summaries[0].test.test_accuracy
-    done = confirm.confirm(run.spec, rdb, splits, run.options.results_dir)[0]
+    done = confirm.confirm(run.spec, rdb, splits, run.options)[0]
     assert [t.user_attrs["config"]["seed"] for t in reruns(run.storage, name)] == [1]
     assert sorted(done.test_accuracy) == [0, 1] and done.test_accuracy[0] == own
     (condition,) = [c for c in report.load_conditions(run.storage, "fixed") if c.study.study_name == name]

@@ -305,7 +305,8 @@ def confirmed_report(tiny_study, tiny_splits, tmp_path_factory):
     shutil.copy(tiny_study.storage.removeprefix("sqlite:///"), folder / "studies.db")
     rdb = open_storage(f"sqlite:///{folder}/studies.db")
     confirming = spec.parse(write_study(folder, TINY_STUDY + "\n[confirm]\nseeds = 2\n"))
-    confirm.confirm(confirming, rdb, tiny_splits, folder / "results")
+    options = study.RunOptions(storage=f"sqlite:///{folder}/studies.db", results_dir=folder / "results")
+    confirm.confirm(confirming, rdb, tiny_splits, options)
     return rdb, *report.write_report(rdb, "tiny", folder / "results")
 
 
