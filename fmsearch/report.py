@@ -477,13 +477,21 @@ def _value_frame(conditions: list[Condition]) -> pd.DataFrame:
     )
 
 
+# A trial under twice chance (Fashion-MNIST has ten classes) learned next to nothing. The search's
+# panels mark it on their lower edge rather than stretch down to it, which would squeeze every other
+# trial into their top tenth.
+DEAD_ACCURACY = 2 / 10
+
+
 def draw_search(conditions: list[Condition]) -> plt.Figure:
     """The optimization history, then one panel per searched dimension, titled by its name."""
     frame = _value_frame(conditions)
     dimensions = searched_dimensions(conditions)
     fig, axes = _grid(1 + len(dimensions), ncols=3, width=5.4, height=4.3)
-    _history_panel(axes[0], frame, conditions)
-    done = frame[frame.state == "complete"]
+    dead = frame[frame.value <= DEAD_ACCURACY]
+    alive = frame[frame.value > DEAD_ACCURACY]
+    _history_panel(axes[0], alive, conditions)
+    done = alive[alive.state == "complete"]
     edges = {c.label: edge_warnings(c) for c in conditions}
     for ax, dimension in zip(axes[1:], dimensions, strict=True):
         at_edge = [c for c, notes in edges.items() for note in notes if note.name == dimension.name]
@@ -502,6 +510,13 @@ def draw_search(conditions: list[Condition]) -> plt.Figure:
         matplotlib.lines.Line2D([], [], marker="x", color="0.3", linestyle="", label="pruned (last value)"),
         matplotlib.lines.Line2D([], [], color="0.3", linestyle=":", label="ends of the searched range"),
     ]
+    if not dead.empty and not alive.empty:
+        _mark_dead(axes, dead, dimensions, conditions)
+        extra.append(
+            matplotlib.lines.Line2D(
+                [], [], marker="v", color="0.3", linestyle="", label="under the scale: at most twice chance"
+            )
+        )
     _condition_legend(fig, conditions, extra)
     warned = "\n(a red title: a best value sits at the edge of its range; summary.md says where)"
     fig.suptitle(
@@ -509,6 +524,35 @@ def draw_search(conditions: list[Condition]) -> plt.Figure:
         + (warned if any(edges.values()) else "")
     )
     return fig
+
+
+def _mark_dead(
+    axes: list[plt.Axes], dead: pd.DataFrame, dimensions: list[Dimension], conditions: list[Condition]
+) -> None:
+    """Each trial under DEAD_ACCURACY as a triangle on its panel's lower edge, at its own x: its trial
+    number in the history, its value of the dimension in the others (its choice's place in a choice
+    panel). The panels keep the scale of the rest."""
+    colour = {c.label: c.colour for c in conditions}
+    complete = dead[dead.state == "complete"]
+    for ax, dimension in zip(axes, [None, *dimensions], strict=True):
+        low, high = ax.get_ylim()
+        low -= 0.04 * (high - low)  # room for the triangles under the lowest live trial
+        ax.set_ylim(low, high)
+        if dimension is None:
+            mine, xs = dead, dead.trial
+        else:
+            column = f"param:{dimension.name}"
+            mine = complete[complete[column].notna()] if column in complete else complete.iloc[0:0]
+            if dimension.numeric:
+                xs = mine[column]
+            else:  # a choice sits where its tick is; one no live trial made has no place
+                ticks = dict(zip((t.get_text() for t in ax.get_xticklabels()), ax.get_xticks(), strict=True))
+                xs = [ticks.get(str(v), np.nan) for v in mine[column]]
+        if not mine.empty:
+            ax.scatter(
+                xs, [low] * len(mine), marker="v", s=44, clip_on=False, zorder=4,
+                color=[colour[c] for c in mine.condition],
+            )  # fmt: skip
 
 
 def plot_search(conditions: list[Condition], out: Path) -> Path | None:
@@ -778,7 +822,8 @@ def plot_classes(conditions: list[Condition], out: Path) -> Path | None:
     )
     order = np.argsort(lost)  # the class that loses most at the top
     rows = np.arange(len(order))
-    fig, axes = _grid(len(found), ncols=3, width=5.6, height=5.0, share=True)
+    # One budget alone gets the width its two-line title needs, rather than a strip under it.
+    fig, axes = _grid(len(found), ncols=3, width=5.6 if len(found) > 1 else 8.0, height=5.0, share=True)
     for ax, budget in zip(axes, found, strict=True):
         recall = {
             c.label: np.array(c.score.recall)[order]
@@ -819,8 +864,8 @@ def plot_classes(conditions: list[Condition], out: Path) -> Path | None:
         ax.set_title(f"{prefix}{budget.label}{images}", fontsize=10)
         ax.legend(fontsize=7, loc="lower left")
     fig.suptitle(
-        "Per-class test recall: what hiding labels costs each class (grey bar) and what the best "
-        "objective wins back (arrow)\nclasses ordered by what the lowest budget loses; hollow: a single run"
+        "Per-class test recall: what hiding labels costs each class (grey bar),\nand what the best "
+        "objective wins back (arrow); classes ordered by what the lowest budget loses"
     )
     return _save(fig, out / "classes.png")
 

@@ -410,3 +410,20 @@ def test_a_single_label_budget_gets_an_axis_of_its_own_width():
     low, high = several.get_xlim()
     assert low <= 500 and high >= 5000 and one.get_xscale() == several.get_xscale() == "log"
     report.plt.close(fig)
+
+
+def test_a_dead_trial_is_marked_on_the_lower_edge_and_leaves_the_scale_to_the_rest(tmp_path):
+    """A trial at chance (too high a learning rate) would squeeze the others into the top tenth."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    _stored(url, "dead", {}, [0.90, 0.10, 0.85], [], dropout=0.2)
+    (condition,) = report.load_conditions(url, "dead")
+    figure = report.draw_search([condition])
+    history, dropout = figure.axes[:2]
+    for ax in (history, dropout):
+        low, high = ax.get_ylim()
+        assert 0.80 < low < 0.85 and high > 0.90  # the scale of the live trials
+        marked = [c.get_offsets().tolist() for c in ax.collections if not c.get_clip_on()]
+        assert marked == [[[1 if ax is history else 0.2, low]]]  # trial #1, at dropout 0.2
+    labels = [t.get_text() for t in figure.legends[0].get_texts()]
+    report.plt.close(figure)
+    assert "under the scale: at most twice chance" in labels
