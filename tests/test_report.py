@@ -427,3 +427,20 @@ def test_a_dead_trial_is_marked_on_the_lower_edge_and_leaves_the_scale_to_the_re
     labels = [t.get_text() for t in figure.legends[0].get_texts()]
     report.plt.close(figure)
     assert "under the scale: at most twice chance" in labels
+
+
+def test_importances_are_fanova_as_the_figure_says_not_optunas_default(tmp_path):
+    """Optuna 5's default evaluator is PED-ANOVA; importance.png's axis says fANOVA's share of variance."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    made = optuna.create_study(study_name="imp", storage=url, direction="maximize")
+    made.set_user_attr(Attr.FINGERPRINT, {"condition": {}, "fixed": {}, "space": {}, "max_epochs": 2})
+    space = {"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)}
+    for k in range(12):
+        x, y = (k * 7 % 12) / 12, (k * 5 % 12) / 12
+        trial = optuna.trial.create_trial(value=x + 0.1 * y, params={"x": x, "y": y}, distributions=space)
+        made.add_trial(trial)
+    (condition,) = report.load_conditions(url, "imp")
+    fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    assert report.importances(condition) == optuna.importance.get_param_importances(made, evaluator=fanova)
+    assert report.importances(condition) != optuna.importance.get_param_importances(made)
+    assert report.importances(condition)["x"] > 2 * report.importances(condition)["y"]
