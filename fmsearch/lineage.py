@@ -35,7 +35,7 @@ def fingerprint(spec: StudySpec, condition: dict[str, Any], config: data.DataCon
     """
     record = {
         "condition": condition,
-        "fixed": spec.fixed,
+        "fixed": spec.fixed_for(condition),
         "space": {name: asdict(dimension) for name, dimension in spec.space.items()},
         "max_epochs": spec.setting("max_epochs", condition),
         "batch_size": spec.batch_size,
@@ -71,7 +71,7 @@ def defaults(spec: StudySpec, condition: dict[str, Any]) -> dict[str, Any]:
     """The code's defaults that decide a condition's results: every training parameter the study file
     leaves to TrainConfig and that some trial of it may read (vat's only where vat may run). How a run
     executes (config.SETTINGS) is left out: chosen per machine, it moves speed, not accuracy."""
-    given = {**spec.fixed, **condition}
+    given = {**spec.fixed_for(condition), **condition}
     unlabeled = spec.space.get("unlabeled")
     running = objectives(given, unlabeled.choices if isinstance(unlabeled, Categorical) else None)
     return {

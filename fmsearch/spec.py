@@ -10,7 +10,7 @@ import itertools
 import math
 import re
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,10 @@ TOP_LEVEL = {
 }
 # What an [[override]] may set for the conditions it matches: the top-level keys that must suit an
 # objective (a distill student peaks late, so a patience that suits skip stops it early).
+# Its `fixed` table sets training parameters for them, over the file's [fixed] (a budget's own lr), but
+# none that decides which conditions exist or what they are.
 OVERRIDABLE = ("max_epochs", "patience")
+DEFINES_CONDITIONS = ("labeled_fraction", "labeled_count", "unlabeled")
 
 
 # A study's name is its file's stem; it names folders under results/, so it cannot climb out of them.
@@ -117,6 +120,7 @@ class Override:
 
     when: dict[str, Any]
     settings: dict[str, int]  # of OVERRIDABLE
+    fixed: dict[str, Any] = field(default_factory=dict)  # training parameters over the file's [fixed]
 
     def matches(self, condition: dict[str, Any]) -> bool:
         return all(condition.get(key) == value for key, value in self.when.items())
@@ -154,6 +158,14 @@ class StudySpec:
                 found.append(condition)
         return found
 
+    def fixed_for(self, condition: dict[str, Any]) -> dict[str, Any]:
+        """The fixed training parameters of one condition: the file's [fixed], then its [[override]]'s."""
+        fixed = dict(self.fixed)
+        for override in self.overrides:
+            if override.matches(condition):
+                fixed.update(override.fixed)
+        return fixed
+
     def setting(self, name: str, condition: dict[str, Any]) -> Any:
         """max_epochs or patience for one condition: its [[override]]'s where one matches, else the file's."""
         for override in self.overrides:
@@ -174,7 +186,7 @@ class StudySpec:
         if max_epochs:  # the command line's --epochs caps every condition, overridden ones included
             overrides = [replace(o, settings={k: v for k, v in o.settings.items() if k != "max_epochs"})
                          for o in self.overrides]  # fmt: skip
-            changed = replace(changed, overrides=tuple(o for o in overrides if o.settings))
+            changed = replace(changed, overrides=tuple(o for o in overrides if o.settings or o.fixed))
         _check_something_is_searched(changed, flag="--trials" if trials else None)
         return changed
 
@@ -355,7 +367,7 @@ def _check_something_is_searched(spec: StudySpec, flag: str | None = None) -> No
     if not spec.space:
         raise _fail(spec.path, "space", f"empty, so all {spec.trials} trials would be identical", fix)
     for condition in spec.condition_list():
-        params = {**spec.fixed, **condition}
+        params = {**spec.fixed_for(condition), **condition}
         if not any(applies(name, params) for name in spec.space):
             raise _fail(
                 spec.path,
@@ -417,9 +429,11 @@ def _overrides(spec: StudySpec, raw: Any) -> tuple[Override, ...]:
     overrides = []
     for index, table in enumerate(raw):
         key = f"override[{index}]"
-        unknown = sorted(set(table) - {"when", *OVERRIDABLE})
+        unknown = sorted(set(table) - {"when", "fixed", *OVERRIDABLE})
         if unknown:
-            raise _fail(path, f"{key}.{unknown[0]}", "unknown key", f"use when and {', '.join(OVERRIDABLE)}")
+            raise _fail(
+                path, f"{key}.{unknown[0]}", "unknown key", f"use when, fixed and {', '.join(OVERRIDABLE)}"
+            )
         when = table.get("when")
         if not isinstance(when, dict) or not when:
             raise _fail(path, f"{key}.when", "missing or empty", 'write when = { unlabeled = "distill" }')
@@ -438,13 +452,16 @@ def _overrides(spec: StudySpec, raw: Any) -> tuple[Override, ...]:
             for name in OVERRIDABLE
             if name in table
         }
-        if not settings:
-            raise _fail(path, key, "sets nothing", f"give it {' or '.join(OVERRIDABLE)}")
-        override = Override(when, settings)
+        fixed = _override_fixed(spec, key, table.get("fixed", {}))
+        if not settings and not fixed:
+            raise _fail(path, key, "sets nothing", f"give it {', '.join(OVERRIDABLE)} or a fixed table")
+        override = Override(when, settings, fixed)
         if not any(override.matches(c) for c in spec.condition_list()):
             raise _fail(path, f"{key}.when", f"{when} matches no condition", "match a condition's values")
         for earlier in overrides:
-            shared = set(earlier.settings) & set(settings)
+            shared = (set(earlier.settings) & set(settings)) | {
+                f"fixed.{name}" for name in set(earlier.fixed) & set(fixed)
+            }
             both = [c for c in spec.condition_list() if earlier.matches(c) and override.matches(c)]
             if shared and both:
                 raise _fail(
@@ -453,6 +470,23 @@ def _overrides(spec: StudySpec, raw: Any) -> tuple[Override, ...]:
                 )  # fmt: skip
         overrides.append(override)
     return tuple(overrides)
+
+
+def _override_fixed(spec: StudySpec, key: str, raw: Any) -> dict[str, Any]:
+    """An [[override]]'s fixed table, each value checked as [fixed]'s are."""
+    path = spec.path
+    if not isinstance(raw, dict):
+        raise _fail(path, f"{key}.fixed", "must be a table", "write fixed = { lr = 0.002 }")
+    fixed = {}
+    for name, value in raw.items():
+        where = f"{key}.fixed.{name}"
+        _check_param_name(path, where, name)
+        if name in spec.conditions or name in DEFINES_CONDITIONS:
+            raise _fail(path, where, "decides what the conditions are", "set it in [conditions] or [fixed]")
+        if name in spec.space:
+            raise _fail(path, where, "is searched in [space]", "search it or fix it, not both")
+        fixed[name] = _check_value(path, where, PARAMETERS[name], value)
+    return fixed
 
 
 FIELD_OF = {"max_epochs": "epochs", "patience": "patience"}  # the TrainConfig field each top-level key sets
@@ -481,7 +515,7 @@ def suggest(trial, spec: StudySpec, condition: dict[str, Any]) -> TrainConfig:
     (e.g. tau only for pseudo-label runs), under the spec's own parameter name. The monitor, which
     picks the best epoch and drives early stopping, is the study's metric unless fixed.
     """
-    params: dict[str, Any] = {"monitor": spec.metric, **spec.fixed, **condition}
+    params: dict[str, Any] = {"monitor": spec.metric, **spec.fixed_for(condition), **condition}
     for name in SUGGEST_ORDER:
         dimension = spec.space.get(name)
         if dimension is None or not applies(name, params):

@@ -6,7 +6,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from fmsearch import engine, spec
+from fmsearch import data, engine, lineage, spec
 from tests.conftest import TINY_STUDY
 
 STUDIES = sorted(Path("studies").glob("*.toml"))
@@ -250,6 +250,26 @@ def test_an_objective_as_a_condition_gives_full_labels_one_study_and_each_object
     assert [(c.epochs, c.patience) for c in capped] == [(3, 2), (3, 2), (3, 8)]
 
 
+def test_an_override_fixes_training_parameters_for_its_conditions_over_the_files(tmp_path):
+    """fraction.toml: each arm at the recipe `semi` tuned for it; the file's [fixed] elsewhere."""
+    text = OBJECTIVES_AS_CONDITIONS.replace("[space]\nlr = { low = 1e-4, high = 1e-2, log = true }\n", "")
+    text = text.replace("trials = 2", "trials = 1") + 'fixed = { arch = "adaptive", lr = 0.0009 }\n'
+    text = text.replace("[conditions]", '[fixed]\narch = "plain"\nlr = 0.002\ndropout = 0.1\n\n[conditions]')
+    fixed = spec.parse(tmp_path / "fixed.toml", text)
+    full, skip, distill = fixed.condition_list()
+    assert fixed.fixed_for(skip) == {"arch": "plain", "lr": 0.002, "dropout": 0.1}
+    assert fixed.fixed_for(distill) == {"arch": "adaptive", "lr": 0.0009, "dropout": 0.1}
+    trial = optuna.trial.FixedTrial({})
+    configs = [spec.suggest(trial, fixed, c) for c in (full, skip, distill)]
+    assert [(c.arch, c.lr, c.dropout, c.epochs) for c in configs] == [
+        ("plain", 0.002, 0.1, 6), ("plain", 0.002, 0.1, 6), ("adaptive", 0.0009, 0.1, 20)
+    ]  # fmt: skip
+    # what the trials of a condition mean: its own fixed values, in its fingerprint
+    config = data.DataConfig()
+    assert lineage.fingerprint(fixed, distill, config)["fixed"]["lr"] == 0.0009
+    assert lineage.fingerprint(fixed, skip, config)["fixed"]["lr"] == 0.002
+
+
 def test_a_labeled_count_condition_is_named_by_its_count(tmp_path):
     text = "trials = 1\n[conditions]\nlabeled_count = [500, 5000]\n"
     counts = spec.parse(tmp_path / "counts.toml", text)
@@ -266,9 +286,37 @@ def test_a_labeled_count_condition_is_named_by_its_count(tmp_path):
         ('when = { arch = "plain" }\npatience = 3', r"override\[0\]\.when\.arch: not a condition"),
         (
             'when = { unlabeled = "skip" }\nlr = 0.1',
-            r"override\[0\]\.lr: unknown key; use when and max_epochs",
+            r"override\[0\]\.lr: unknown key; use when, fixed and max_epochs",
         ),
-        ('when = { unlabeled = "skip" }', r"override\[0\]: sets nothing; give it max_epochs or patience"),
+        (
+            'when = { unlabeled = "skip" }',
+            r"override\[0\]: sets nothing; give it max_epochs, patience or a fixed",
+        ),
+        (
+            'when = { unlabeled = "skip" }\nfixed = 3',
+            r"override\[0\]\.fixed: must be a table; write fixed = \{",
+        ),
+        (
+            'when = { unlabeled = "skip" }\nfixed = { lrr = 0.1 }',
+            r"override\[0\]\.fixed\.lrr: unknown parameter",
+        ),
+        (
+            'when = { unlabeled = "skip" }\nfixed = { lr = 0.1 }',
+            r"override\[0\]\.fixed\.lr: is searched in \[space\]",
+        ),
+        (
+            'when = { unlabeled = "skip" }\nfixed = { dropout = 2.0 }',
+            r"override\[0\]\.fixed\.dropout: 2\.0 is out of",
+        ),
+        (
+            'when = { unlabeled = "skip" }\nfixed = { unlabeled = "distill" }',
+            r"override\[0\]\.fixed\.unlabeled: decides what the conditions are",
+        ),
+        (
+            'when = { labeled_fraction = 0.1 }\nfixed = { arch = "plain" }\n[[override]]\n'
+            'when = { unlabeled = "skip" }\nfixed = { arch = "adaptive" }',
+            r"override\[1\]: sets fixed\.arch for semi/labels=10%,unlabeled=skip as an earlier",
+        ),
         ('when = { unlabeled = "skip" }\npatience = 0', r"override\[0\]\.patience: 0 is out of range"),
         (
             'when = { labeled_fraction = 0.1 }\npatience = 3\n[[override]]\nwhen = { unlabeled = "skip" }\n'
