@@ -9,19 +9,21 @@ search's best trial changes, its reruns start afresh beside the old ones, which 
 A condition whose search is short of its trials is left until the search ends (its best may still
 change), and no rerun starts after a time budget's deadline. Where a condition searched nothing, its
 one trial was not chosen from others and is not optimistic: it counts as the first of the seeds.
-Several workers (`fmsearch confirm --jobs N`) share the reruns, each claiming the next missing seed
-under the confirmation study's gate, the longest reruns first.
+Several workers (`fmsearch confirm --jobs N`, on one machine or more) share the reruns, each claiming
+the next missing seed under the confirmation study's gate, the longest reruns first; a rerun sends
+heartbeats while it trains, so a rerun whose process died is failed and its seed claimed again.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import statistics
-import time
+import uuid
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import optuna
+from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
 from fmsearch import data, engine, runner, speed, storage, workers
@@ -70,11 +72,8 @@ class Target:
 
 
 def targets(spec: StudySpec, rdb: optuna.storages.BaseStorage, log=silent) -> list[Target]:
-    """The conditions whose search has ended, in the spec's order; a line for each that has not.
-
-    A rerun still RUNNING in a confirmation study is a killed one (a confirmation runs under one
-    command at a time), so it is failed here, before any worker starts.
-    """
+    """The conditions whose search has ended, in the spec's order (each with its confirmation study,
+    created here); a line for each that has not."""
     found = []
     for condition in spec.condition_list():
         name = spec.study_name(condition)
@@ -92,11 +91,9 @@ def targets(spec: StudySpec, rdb: optuna.storages.BaseStorage, log=silent) -> li
             )
             continue
         config = runner.stored_config(name, best)
-        study = optuna.create_study(
+        optuna.create_study(
             study_name=storage.confirm_name(name), storage=rdb, direction="maximize", load_if_exists=True
         )
-        for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study.tell(stale.number, state=TrialState.FAIL)
         own_score = storage.BestTrialScore.of(searched)
         own = {}
         if storage.unselected(best) and own_score is not None and own_score.trial == best.number:
@@ -107,6 +104,9 @@ def targets(spec: StudySpec, rdb: optuna.storages.BaseStorage, log=silent) -> li
     return found
 
 
+LATE = "time budget reached: no rerun started after it; run the same command to resume"
+
+
 def confirm(
     spec: StudySpec,
     rdb: optuna.storages.BaseStorage,
@@ -114,18 +114,29 @@ def confirm(
     options: RunOptions,
     log=silent,
 ) -> list[Confirmed]:
-    """Rerun each finished search's best configuration on the missing confirmation seeds, with
+    """Rerun each finished search's best configuration on the missing confirmation seeds, with up to
     `options.jobs` workers and starting no rerun after `options.deadline`; then each condition's
     scores, read from the storage.
 
-    With one job the caller's `splits` and `rdb` serve; with more, each worker process loads its own
-    and takes an equal share of the CPU's cores, as a search's workers do.
+    With one job the caller's `splits` serve; with more, each worker process loads its own and takes
+    an equal share of the CPU's cores, as a search's workers do, and `log` runs in the workers (it
+    must pickle: `print` does).
     """
     ready = targets(spec, rdb, log)
-    if options.jobs == 1:
-        work(ready, rdb, splits, options.results_dir, log, options.deadline)
-    elif ready:
-        workers.run(functools.partial(_worker, spec, ready, options, log), options.jobs, options.storage)
+    command = uuid.uuid4().hex  # the seeds this command has failed are not claimed by it again
+    beating = _beating_storage(options)
+    for target in ready:
+        with storage.Gate(beating, storage.confirm_name(target.study_name)):
+            _fail_dead(beating, target)
+    left = sum(len(_missing(beating, target, command)) for target in ready)
+    jobs = 0 if options.out_of_time() else min(options.jobs, left)  # no worker without a rerun to start
+    if jobs == 1:
+        work(ready, splits, options, command, log)
+    elif jobs > 1:
+        target = functools.partial(_worker, spec, ready, replace(options, jobs=jobs), command, log)
+        workers.run(target, jobs, options.storage)
+    if options.out_of_time() and any(_missing(beating, target, command) for target in ready):
+        log(LATE)
     confirmed = []
     for target in ready:
         searched = optuna.load_study(study_name=target.study_name, storage=rdb)
@@ -134,85 +145,102 @@ def confirm(
     return confirmed
 
 
-def work(
-    ready: list[Target],
-    rdb: optuna.storages.BaseStorage,
-    splits: data.Splits,
-    results_dir,
-    log=silent,
-    deadline: float | None = None,
-    thread_cap: int | None = None,
-) -> None:
-    """Take the next missing rerun, longest first, train it, and go on until none is left (or the
-    deadline has passed). Claiming a seed is serialized by the confirmation study's gate, so workers
-    sharing the reruns never train the same seed twice."""
+def _beating_storage(options: RunOptions) -> storage.Storage:
+    """The storage with the run's heartbeat, and without a retry: a dead rerun's seed is claimed again."""
+    return storage.open_storage(
+        options.storage, options.heartbeat_interval, options.grace_period, retry=False
+    )
+
+
+def work(ready: list[Target], splits: data.Splits, options: RunOptions, command: str, log=silent) -> None:
+    """Take the next missing rerun, longest first, train it, and go on until none is left or the
+    deadline has passed.
+
+    Claiming a seed is serialized by the confirmation study's gate, so workers sharing the reruns, on
+    this machine or others, never train the same seed at once. A rerun sends heartbeats while it
+    trains; one whose process died stops, and the next claim fails it, so its seed is free again.
+    """
+    rdb = _beating_storage(options)
     by_length = sorted(ready, key=lambda t: t.seconds, reverse=True)
-    while True:
-        claims = (_claim(rdb, target, deadline, splits.train_images.device) for target in by_length)
+    device = splits.train_images.device
+    while not options.out_of_time():
+        claims = (_claim(rdb, target, command, device) for target in by_length)
         claimed = next((c for c in claims if c is not None), None)
         if claimed is None:
             return
-        if claimed == LATE:
-            log("time budget reached: no rerun started after it; run the same command to resume")
-            return
         target, study, trial, config = claimed
-        execution = speed.settle(config, splits.train_images.device, thread_cap=thread_cap)
-        score = _rerun(study, trial, config, splits, results_dir, execution)
+        with storage.beating(rdb, trial._trial_id):
+            score = _rerun(study, trial, config, splits, options)
         rerun = f"{target.study_name}: trial #{target.source_trial} on seed {config.seed}"
         log(f"{rerun}: test_accuracy {score:.4f}")
 
 
-LATE = "late"  # _claim: a seed is missing, but the deadline has passed
+def _fail_dead(rdb: storage.Storage, target: Target) -> None:
+    """Fail the target's reruns whose process died (call under its confirmation study's gate)."""
+    study = optuna.load_study(study_name=storage.confirm_name(target.study_name), storage=rdb)
+    fail_stale_trials(study)  # their heartbeat stopped over the grace period ago
+    storage.fail_heartbeatless_trials(study)  # they never sent one (killed at once, or older code)
 
 
-def _claim(rdb: optuna.storages.BaseStorage, target: Target, deadline: float | None, device):
-    """Under the gate, the next seed of `target` that no rerun has finished or is running, as a new
-    trial of the confirmation study that names it: (target, study, trial, config). None when no seed
-    is missing; LATE when one is but the deadline has passed."""
+def _missing(rdb: optuna.storages.BaseStorage, target: Target, command: str) -> list[int]:
+    """The seeds of `target` that no rerun has finished, is running, or (in this command) has failed."""
+    searched = optuna.load_study(study_name=target.study_name, storage=rdb)
+    taken = set(storage.confirmed_scores(searched, target.source_trial))
+    study = optuna.load_study(study_name=storage.confirm_name(target.study_name), storage=rdb)
+    for rerun in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
+        attrs = rerun.user_attrs
+        mine = rerun.state == TrialState.RUNNING or attrs.get(Attr.COMMAND) == command
+        if mine and attrs.get(Attr.SOURCE_TRIAL) == target.source_trial:
+            taken.add(attrs.get(Attr.CONFIG, {}).get("seed"))
+    return [seed for seed in target.seeds if seed not in taken]
+
+
+def _claim(rdb: storage.Storage, target: Target, command: str, device):
+    """Under the gate: fail the reruns whose process died, then claim the next missing seed of
+    `target` as a new trial of the confirmation study that names it: (target, study, trial, config),
+    or None where no seed is missing."""
     name = storage.confirm_name(target.study_name)
     with storage.Gate(rdb, name):
-        searched = optuna.load_study(study_name=target.study_name, storage=rdb)
-        taken = set(storage.confirmed_scores(searched, target.source_trial))
-        study = optuna.load_study(study_name=name, storage=rdb)
-        for running in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if running.user_attrs.get(Attr.SOURCE_TRIAL) == target.source_trial:
-                taken.add(running.user_attrs[Attr.CONFIG]["seed"])
-        missing = [seed for seed in target.seeds if seed not in taken]
+        _fail_dead(rdb, target)
+        missing = _missing(rdb, target, command)
         if not missing:
             return None
-        if deadline is not None and time.time() >= deadline:
-            return LATE
+        study = optuna.load_study(study_name=name, storage=rdb)
         config = replace(target.config, seed=missing[0])
-        trial = study.ask()
-        trial.set_user_attr(Attr.SOURCE_TRIAL, target.source_trial)
+        with warnings.catch_warnings():  # "heartbeat ... used with Study.optimize": storage.beating beats
+            warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+            trial = study.ask()
         trial.set_user_attr(Attr.CONFIG, asdict(config))  # the seed it claims, before the gate opens
+        trial.set_user_attr(Attr.SOURCE_TRIAL, target.source_trial)
+        trial.set_user_attr(Attr.COMMAND, command)
         for key, value in runner.provenance(device).items():  # which worker, code and torch, as a trial's
             trial.set_user_attr(key, value)
         return target, study, trial, config
 
 
-def _worker(spec: StudySpec, ready: list[Target], options: RunOptions, log, worker: int) -> None:
-    """One of `options.jobs` worker processes: its own data and storage connection, its share of the
-    cores."""
+def _worker(
+    spec: StudySpec, ready: list[Target], options: RunOptions, command: str, log, worker: int
+) -> None:
+    """One of `options.jobs` worker processes: its own data and storage connection."""
     storage.quiet_optuna()
-    rdb = storage.open_storage(options.storage)
-    splits = load_splits(spec, options)
-    thread_cap = max(1, (os.cpu_count() or 1) // options.jobs) if options.device.type == "cpu" else None
-    work(ready, rdb, splits, options.results_dir, log, options.deadline, thread_cap)
+    work(ready, load_splits(spec, options), options, command, log)
 
 
 def _rerun(
-    study: optuna.Study, trial: optuna.Trial, config, splits: data.Splits, results_dir, execution
+    study: optuna.Study, trial: optuna.Trial, config, splits: data.Splits, options: RunOptions
 ) -> float:
-    """Train `config` once, as the claimed trial of the confirmation study; its test accuracy."""
+    """Train `config` once, as the claimed trial of the confirmation study; its test accuracy. A rerun
+    that raises, or is stopped, is failed before the error goes on."""
     try:
-        done = runner.run(config, splits, results_dir, execution=execution)
+        execution = speed.settle(config, splits.train_images.device, thread_cap=options.thread_cap())
+        done = runner.run(config, splits, options.results_dir, execution=execution)
+        for key, value in done.record().items():
+            trial.set_user_attr(key, value)
+        test = engine.score_by_monitor(done.result, splits, config)[config.monitor]
+        scores = {key: test[key] for key in ("test_loss", "test_accuracy", "test_recall")}
+        trial.set_user_attr(Attr.TEST, scores)
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
         raise
-    for key, value in done.record().items():
-        trial.set_user_attr(key, value)
-    test = engine.score_by_monitor(done.result, splits, config)[config.monitor]
-    trial.set_user_attr(Attr.TEST, {key: test[key] for key in ("test_loss", "test_accuracy", "test_recall")})
     study.tell(trial, done.result.best["val_accuracy"])
     return test["test_accuracy"]

@@ -490,6 +490,8 @@ def draw_search(conditions: list[Condition]) -> plt.Figure:
     fig, axes = _grid(1 + len(dimensions), ncols=3, width=5.4, height=4.3)
     dead = frame[frame.value <= DEAD_ACCURACY]
     alive = frame[frame.value > DEAD_ACCURACY]
+    if alive.empty:  # every trial dead: their scale is the only one there is
+        alive, dead = frame, frame.iloc[0:0]
     _history_panel(axes[0], alive, conditions)
     done = alive[alive.state == "complete"]
     edges = {c.label: edge_warnings(c) for c in conditions}

@@ -73,6 +73,7 @@ class Attr:
     TEACHER_TEAM = "teacher_team"  # distill's teachers: count, cost and accuracies (runner.teachers_record)
     ERROR = "error"
     SAMPLER_SEED = "sampler_seed"  # its worker's: every worker on every machine draws its own
+    COMMAND = "command"  # a confirmation rerun's: the `fmsearch confirm` run that claimed it (confirm.py)
     # on each trial of a confirmation study (confirm.py): the search trial it reruns; its TEST score
     SOURCE_TRIAL = "source_trial"
     WEIGHTS = "weights"  # {"trial": number, "artifact": id}: the weights this trial itself stored
@@ -265,10 +266,13 @@ class Storage(RDBStorage):
         )
 
 
-def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> Storage:
-    """RDB storage with a heartbeat: a trial whose process died is failed, then retried up to 3 times."""
+def open_storage(
+    url: str, heartbeat_interval: int | None = None, grace_period: int | None = None, retry: bool = True
+) -> Storage:
+    """RDB storage with a heartbeat: a trial whose process died is failed, then (`retry`) retried up to
+    3 times."""
     check_url(url)
-    retry = RetryAfresh(max_retry=3) if heartbeat_interval else None
+    retry = RetryAfresh(max_retry=3) if heartbeat_interval and retry else None
     try:
         for attempt in range(3):
             try:
@@ -591,6 +595,28 @@ def _try_flock(handle) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def beating(rdb: RDBStorage, trial_id: int):
+    """Record the trial's heartbeat every interval while the block runs, as Optuna does for the trials
+    of `study.optimize` (a confirmation rerun trains outside it); a trial whose process died stops
+    beating, and `fail_stale_trials` fails it a grace period later."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            rdb.record_heartbeat(trial_id)
+            if stop.wait(rdb.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def fail_heartbeatless_trials(study: optuna.Study) -> None:

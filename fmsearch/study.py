@@ -55,6 +55,11 @@ class RunOptions:
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
 
+    def thread_cap(self) -> int | None:
+        """Torch threads a worker may use: on the CPU, an equal share of its cores among the jobs (a
+        thread count the study file fixes is kept; speed.settle); on a GPU, no cap."""
+        return max(1, (os.cpu_count() or 1) // self.jobs) if self.device.type == "cpu" else None
+
 
 @dataclass
 class TrialOutcome:
@@ -187,9 +192,7 @@ class Objective:
     warned: set[int] = field(default_factory=set)  # trials whose heartbeat trouble was reported
 
     def __post_init__(self) -> None:
-        # Workers on one CPU split its cores; a thread count the study file fixes is kept.
-        cpu = self.options.device.type == "cpu"
-        self.thread_cap = max(1, (os.cpu_count() or 1) // self.options.jobs) if cpu else None
+        self.thread_cap = self.options.thread_cap()
         self.meta = runner.provenance(self.splits.train_images.device)
 
     def __call__(self, trial: optuna.Trial) -> float:

@@ -1,8 +1,9 @@
-"""Worker processes for `fmsearch study --jobs N`: spawned, tied to their parent, stopped by Ctrl-C
-or SIGTERM.
+"""Worker processes for `fmsearch study --jobs N` and `fmsearch confirm --jobs N`: spawned, tied to
+their parent, stopped by Ctrl-C or SIGTERM.
 
-Each worker runs the study's work loop on its own; the storage's gate (storage.Gate) keeps them,
-and any other command's workers, from starting more than the study's trials between them.
+Each worker runs its command's work loop on its own; the storage's gate (storage.Gate) keeps them,
+and any other command's workers, from starting more than the study's trials, or from claiming the
+same confirmation seed, between them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """confirm.py: each condition's best configuration rerun on new seeds, resumably."""
 
 import os
+import time
 from dataclasses import replace
 
 import optuna
@@ -28,9 +29,13 @@ def test_a_killed_confirmation_resumes_without_repeating_a_seed(tmp_path, tiny):
 
     with pytest.raises(KeyboardInterrupt):
         confirm.confirm(run.spec, rdb, splits, run.options, log=killed_after_the_first_seed)
-    optuna.load_study(study_name=storage.confirm_name(name), storage=rdb).ask()  # what a kill -9 leaves
+    # What a kill -9 leaves: the second seed claimed, RUNNING, and no heartbeat for a grace period.
+    killed = optuna.load_study(study_name=storage.confirm_name(name), storage=rdb).ask()
+    killed.set_user_attr("config", {**best.user_attrs["config"], "seed": 2})
+    killed.set_user_attr("source_trial", best.number)
     first = [(t.number, t.user_attrs["config"]["seed"]) for t in reruns(run.storage, name) if t.value]
     assert len(first) == 1
+    time.sleep(run.options.grace_period + 0.5)
 
     done = confirm.confirm(run.spec, rdb, splits, run.options)[0]
     trials = reruns(run.storage, name)
@@ -38,7 +43,7 @@ def test_a_killed_confirmation_resumes_without_repeating_a_seed(tmp_path, tiny):
     assert [(t.number, t.user_attrs["config"]["seed"]) for t in complete][:1] == first  # kept, not rerun
     assert sorted(t.user_attrs["config"]["seed"] for t in complete) == confirm.seeds(0, 2) == [1, 2]
     assert all(t.user_attrs["source_trial"] == best.number for t in complete)
-    assert not any(t.state == TrialState.RUNNING for t in trials)  # the killed rerun was failed
+    assert trials[killed.number].state == TrialState.FAIL  # the killed rerun was failed, its seed run again
     assert done.source_trial == best.number and sorted(done.test_accuracy) == [1, 2]
     for t in complete:  # the rerun is the best trial's configuration on another seed, scored once on test
         assert {k: v for k, v in t.user_attrs["config"].items() if k != "seed"} == {
@@ -50,6 +55,28 @@ def test_a_killed_confirmation_resumes_without_repeating_a_seed(tmp_path, tiny):
     again = confirm.confirm(more, rdb, splits, run.options)[0]
     assert sorted(again.test_accuracy) == [1, 2, 3]
     assert len([t for t in reruns(run.storage, name) if t.state == TrialState.COMPLETE]) == 3
+
+
+def test_a_rerun_another_command_is_running_keeps_its_seed(tmp_path, tiny):
+    """Two machines confirming one study: a live rerun (it beats) is neither failed nor repeated."""
+    text = study_text(trials=1, max_epochs=1) + "\n[confirm]\nseeds = 2\n"
+    run = run_tiny_study(tmp_path, tiny, text, name="live")
+    name = run.summaries[0].study_name
+    rdb = storage.open_storage(run.storage, heartbeat_interval=1)
+    splits = study.load_splits(run.spec, run.options)
+    best = storage.best_trial(optuna.load_study(study_name=name, storage=rdb).trials)
+    optuna.create_study(study_name=storage.confirm_name(name), storage=rdb, direction="maximize")
+    elsewhere = optuna.load_study(study_name=storage.confirm_name(name), storage=rdb).ask()
+    elsewhere.set_user_attr("config", {**best.user_attrs["config"], "seed": 1})
+    elsewhere.set_user_attr("source_trial", best.number)
+    with storage.beating(rdb, elsewhere._trial_id):
+        time.sleep(run.options.grace_period + 0.5)  # older than the grace period, but beating
+        (done,) = confirm.confirm(run.spec, rdb, splits, run.options)
+    trials = reruns(run.storage, name)
+    assert [(t.user_attrs["config"]["seed"], t.state) for t in trials] == [
+        (1, TrialState.RUNNING), (2, TrialState.COMPLETE)
+    ]  # fmt: skip
+    assert sorted(done.test_accuracy) == [2]
 
 
 def test_two_workers_share_the_reruns_and_never_train_a_seed_twice(tmp_path, tiny):
@@ -87,11 +114,12 @@ def test_a_search_short_of_its_trials_or_past_its_deadline_is_not_confirmed(tmp_
         f"{name}: its search has 1 of 3 finished trials, and its best may still change: confirmed once "
         "the search ends (`fmsearch study short` resumes it)"
     ]
-    lines.clear()
-    late = replace(run.options, deadline=0.0)
-    done = confirm.confirm(run.spec, rdb, splits, late, lines.append)
-    assert [d.test_accuracy for d in done] == [{}]
-    assert lines == ["time budget reached: no rerun started after it; run the same command to resume"]
+    for jobs in (1, 2):  # said once, and no worker started to say it again
+        lines.clear()
+        late = replace(run.options, deadline=0.0, jobs=jobs)
+        done = confirm.confirm(run.spec, rdb, splits, late, lines.append)
+        assert [d.test_accuracy for d in done] == [{}]
+        assert lines == ["time budget reached: no rerun started after it; run the same command to resume"]
     assert not optuna.load_study(study_name=storage.confirm_name(name), storage=rdb).trials
 
 

@@ -427,6 +427,13 @@ def test_a_dead_trial_is_marked_on_the_lower_edge_and_leaves_the_scale_to_the_re
     labels = [t.get_text() for t in figure.legends[0].get_texts()]
     report.plt.close(figure)
     assert "under the scale: at most twice chance" in labels
+    # every trial dead: they are the scale, drawn as points
+    _stored(url, "alldead", {}, [0.10, 0.11], [], dropout=0.2)
+    figure = report.draw_search(report.load_conditions(url, "alldead"))
+    history = figure.axes[0]
+    report.plt.close(figure)
+    assert sorted(y for c in history.collections for _, y in c.get_offsets().tolist()) == [0.10, 0.11]
+    assert history.get_ylim()[0] < 0.10
 
 
 def test_importances_are_fanova_as_the_figure_says_not_optunas_default(tmp_path):
