@@ -75,6 +75,8 @@ def test_a_running_trial_is_exported_as_failed_an_enqueued_one_as_waiting_and_ev
     running = study.ask({"x": optuna.distributions.FloatDistribution(0, 2)})
     study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 2)}), state=TrialState.PRUNED)
     study.enqueue_trial({"x": 1.5})
+    retry = {"params": {"x": 0.25}, "distributions": {"x": optuna.distributions.FloatDistribution(0, 2)}}
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, **retry))  # as a stale retry is
     confirm = optuna.create_study(storage=url, study_name="s@confirm/labels=10%", direction="maximize")
     confirm.add_trial(
         optuna.trial.create_trial(value=0.6, user_attrs={storage.Attr.SOURCE_TRIAL: 1, "config": {"seed": 1}})
@@ -86,7 +88,7 @@ def test_a_running_trial_is_exported_as_failed_an_enqueued_one_as_waiting_and_ev
     target = f"sqlite:///{tmp_path}/target.db"
     said = transfer.import_studies(target, payload)
     assert said == [
-        "s/labels=10%: 5 trials (2 complete, 1 pruned, 1 fail, 1 waiting)",
+        "s/labels=10%: 6 trials (2 complete, 1 pruned, 1 fail, 2 waiting)",
         "s@confirm/labels=10%: 1 trials (1 complete, 0 pruned, 0 fail)",
     ]
     trials = optuna.load_study(study_name="s/labels=10%", storage=target).trials
@@ -96,7 +98,9 @@ def test_a_running_trial_is_exported_as_failed_an_enqueued_one_as_waiting_and_ev
         (running.number, TrialState.FAIL),
         (3, TrialState.PRUNED),
         (4, TrialState.WAITING),
+        (5, TrialState.WAITING),
     ]
+    assert trials[5].params == {"x": 0.25}
     assert trials[running.number].user_attrs[storage.Attr.STOP_REASON] == storage.STALE
     assert not any(storage.is_finished(t) for t in trials if t.state == TrialState.FAIL)  # it does not count
     assert trials[1].intermediate_values == {0: 0.35} and storage.Attr.WEIGHTS not in trials[1].user_attrs
