@@ -16,12 +16,17 @@ def reruns(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=storage.confirm_name(name), storage=url).get_trials(deepcopy=False)
 
 
+def searched(tmp_path, tiny, name: str, trials: int, seeds: int):
+    """A tiny one-condition study searched to its trials: (run, the condition's study name, its
+    storage, its splits), ready to confirm on `seeds` seeds."""
+    text = study_text(trials=trials, max_epochs=1) + f"\n[confirm]\nseeds = {seeds}\n"
+    run = run_tiny_study(tmp_path, tiny, text, name=name)
+    rdb = storage.open_storage(run.storage, heartbeat_interval=1)
+    return run, run.summaries[0].study_name, rdb, study.load_splits(run.spec, run.options)
+
+
 def test_a_killed_confirmation_resumes_without_repeating_a_seed(tmp_path, tiny):
-    text = study_text(trials=2, max_epochs=1) + "\n[confirm]\nseeds = 2\n"
-    run = run_tiny_study(tmp_path, tiny, text, name="conf")
-    name = run.summaries[0].study_name
-    rdb = storage.open_storage(run.storage)
-    splits = study.load_splits(run.spec, run.options)
+    run, name, rdb, splits = searched(tmp_path, tiny, "conf", trials=2, seeds=2)
     best = storage.best_trial(optuna.load_study(study_name=name, storage=rdb).trials)
 
     def killed_after_the_first_seed(line: str) -> None:
@@ -51,7 +56,7 @@ def test_a_killed_confirmation_resumes_without_repeating_a_seed(tmp_path, tiny):
         }
         assert 0.0 < t.user_attrs["test"]["test_accuracy"] <= 1.0
 
-    more = spec.parse(run.spec.path, text.replace("seeds = 2", "seeds = 3"))
+    more = spec.parse(run.spec.path, run.spec.path.read_text().replace("seeds = 2", "seeds = 3"))
     again = confirm.confirm(more, rdb, splits, run.options)[0]
     assert sorted(again.test_accuracy) == [1, 2, 3]
     assert len([t for t in reruns(run.storage, name) if t.state == TrialState.COMPLETE]) == 3
@@ -59,11 +64,7 @@ def test_a_killed_confirmation_resumes_without_repeating_a_seed(tmp_path, tiny):
 
 def test_a_rerun_another_command_is_running_keeps_its_seed(tmp_path, tiny):
     """Two machines confirming one study: a live rerun (it beats) is neither failed nor repeated."""
-    text = study_text(trials=1, max_epochs=1) + "\n[confirm]\nseeds = 2\n"
-    run = run_tiny_study(tmp_path, tiny, text, name="live")
-    name = run.summaries[0].study_name
-    rdb = storage.open_storage(run.storage, heartbeat_interval=1)
-    splits = study.load_splits(run.spec, run.options)
+    run, name, rdb, splits = searched(tmp_path, tiny, "live", trials=1, seeds=2)
     best = storage.best_trial(optuna.load_study(study_name=name, storage=rdb).trials)
     optuna.create_study(study_name=storage.confirm_name(name), storage=rdb, direction="maximize")
     elsewhere = optuna.load_study(study_name=storage.confirm_name(name), storage=rdb).ask()
@@ -81,11 +82,7 @@ def test_a_rerun_another_command_is_running_keeps_its_seed(tmp_path, tiny):
 
 def test_two_workers_share_the_reruns_and_never_train_a_seed_twice(tmp_path, tiny):
     """`fmsearch confirm --jobs 2`: two processes claim seeds under the confirmation study's gate."""
-    text = study_text(trials=1, max_epochs=1) + "\n[confirm]\nseeds = 4\n"
-    run = run_tiny_study(tmp_path, tiny, text, name="pair")
-    name = run.summaries[0].study_name
-    rdb = storage.open_storage(run.storage)
-    splits = study.load_splits(run.spec, run.options)
+    run, name, rdb, splits = searched(tmp_path, tiny, "pair", trials=1, seeds=4)
     (done,) = confirm.confirm(run.spec, rdb, splits, replace(run.options, jobs=2))
     trials = reruns(run.storage, name)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4  # no seed claimed twice, none failed
@@ -103,11 +100,7 @@ def test_two_workers_share_the_reruns_and_never_train_a_seed_twice(tmp_path, tin
 def test_a_search_short_of_its_trials_or_past_its_deadline_is_not_confirmed(tmp_path, tiny):
     """A search cut off by its time budget may still change its best: `make study TIME=` must not
     confirm it; and the confirmation itself starts no rerun after the budget's deadline."""
-    text = study_text(trials=1, max_epochs=1) + "\n[confirm]\nseeds = 2\n"
-    run = run_tiny_study(tmp_path, tiny, text, name="short")
-    name = run.summaries[0].study_name
-    rdb = storage.open_storage(run.storage)
-    splits = study.load_splits(run.spec, run.options)
+    run, name, rdb, splits = searched(tmp_path, tiny, "short", trials=1, seeds=2)
     lines = []
     assert confirm.confirm(run.spec.overridden(trials=3), rdb, splits, run.options, lines.append) == []
     assert lines == [
