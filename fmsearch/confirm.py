@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import statistics
 import uuid
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import optuna
@@ -157,22 +156,19 @@ def work(ready: list[Target], splits: data.Splits, options: RunOptions, command:
     deadline has passed.
 
     Claiming a seed is serialized by the confirmation study's gate, so workers sharing the reruns, on
-    this machine or others, never train the same seed at once. A rerun sends heartbeats while it
-    trains; one whose process died stops, and the next claim fails it, so its seed is free again.
+    this machine or others, never train the same seed at once. A rerun runs as a search trial does,
+    through `study.optimize`: it beats while it trains, and one whose process died stops, so the next
+    claim fails it and its seed is free again.
     """
     rdb = _beating_storage(options)
     by_length = sorted(ready, key=lambda t: t.seconds, reverse=True)
-    device = splits.train_images.device
     while not options.out_of_time():
-        claims = (_claim(rdb, target, command, device) for target in by_length)
-        claimed = next((c for c in claims if c is not None), None)
-        if claimed is None:
+        runs = (_claim_and_run(rdb, target, command, splits, options) for target in by_length)
+        done = next((d for d in runs if d is not None), None)
+        if done is None:
             return
-        target, study, trial, config = claimed
-        with storage.beating(rdb, trial._trial_id):
-            score = _rerun(study, trial, config, splits, options)
-        rerun = f"{target.study_name}: trial #{target.source_trial} on seed {config.seed}"
-        log(f"{rerun}: test_accuracy {score:.4f}")
+        target, seed, score = done
+        log(f"{target.study_name}: trial #{target.source_trial} on seed {seed}: test_accuracy {score:.4f}")
 
 
 def _fail_dead(rdb: storage.Storage, target: Target) -> None:
@@ -195,27 +191,37 @@ def _missing(rdb: optuna.storages.BaseStorage, target: Target, command: str) -> 
     return [seed for seed in target.seeds if seed not in taken]
 
 
-def _claim(rdb: storage.Storage, target: Target, command: str, device):
-    """Under the gate: fail the reruns whose process died, then claim the next missing seed of
-    `target` as a new trial of the confirmation study that names it: (target, study, trial, config),
-    or None where no seed is missing."""
+def _claim_and_run(
+    rdb: storage.Storage, target: Target, command: str, splits: data.Splits, options: RunOptions
+) -> tuple[Target, int, float] | None:
+    """Under the gate, fail the reruns whose process died and claim the next missing seed of `target`
+    as a new trial that names it; the gate opens once it does, and the rerun trains. (target, seed,
+    test accuracy), or None where no seed is missing."""
     name = storage.confirm_name(target.study_name)
-    with storage.Gate(rdb, name):
+    gate = storage.Gate(rdb, name)
+    gate.acquire()
+    try:
         _fail_dead(rdb, target)
         missing = _missing(rdb, target, command)
         if not missing:
             return None
-        study = optuna.load_study(study_name=name, storage=rdb)
         config = replace(target.config, seed=missing[0])
-        with warnings.catch_warnings():  # "heartbeat ... used with Study.optimize": storage.beating beats
-            warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
-            trial = study.ask()
-        trial.set_user_attr(Attr.CONFIG, asdict(config))  # the seed it claims, before the gate opens
-        trial.set_user_attr(Attr.SOURCE_TRIAL, target.source_trial)
-        trial.set_user_attr(Attr.COMMAND, command)
-        for key, value in runner.provenance(device).items():  # which worker, code and torch, as a trial's
-            trial.set_user_attr(key, value)
-        return target, study, trial, config
+        device = splits.train_images.device
+        scores: dict[str, float] = {}
+
+        def rerun(trial: optuna.Trial) -> float:
+            trial.set_user_attr(Attr.CONFIG, asdict(config))  # the seed it claims, before the gate opens
+            trial.set_user_attr(Attr.SOURCE_TRIAL, target.source_trial)
+            trial.set_user_attr(Attr.COMMAND, command)
+            for key, value in runner.provenance(device).items():  # its worker, code and torch
+                trial.set_user_attr(key, value)
+            gate.release()
+            return _train(trial, config, splits, options, scores)
+
+        optuna.load_study(study_name=name, storage=rdb).optimize(rerun, n_trials=1, gc_after_trial=False)
+        return target, config.seed, scores["test_accuracy"]
+    finally:
+        gate.release()  # the rerun opened it once its trial existed; this is for the rest
 
 
 def _worker(
@@ -226,21 +232,14 @@ def _worker(
     work(ready, load_splits(spec, options), options, command, log)
 
 
-def _rerun(
-    study: optuna.Study, trial: optuna.Trial, config, splits: data.Splits, options: RunOptions
-) -> float:
-    """Train `config` once, as the claimed trial of the confirmation study; its test accuracy. A rerun
-    that raises, or is stopped, is failed before the error goes on."""
-    try:
-        execution = speed.settle(config, splits.train_images.device, thread_cap=options.thread_cap())
-        done = runner.run(config, splits, options.results_dir, execution=execution)
-        for key, value in done.record().items():
-            trial.set_user_attr(key, value)
-        test = engine.score_by_monitor(done.result, splits, config)[config.monitor]
-        scores = {key: test[key] for key in ("test_loss", "test_accuracy", "test_recall")}
-        trial.set_user_attr(Attr.TEST, scores)
-    except BaseException:
-        study.tell(trial, state=TrialState.FAIL)
-        raise
-    study.tell(trial, done.result.best["val_accuracy"])
-    return test["test_accuracy"]
+def _train(trial: optuna.Trial, config, splits: data.Splits, options: RunOptions, scores: dict) -> float:
+    """Train `config` once as the claimed trial, record it and its test score (into `scores` too); its
+    validation accuracy, the trial's value. Optuna fails the trial if this raises or is stopped."""
+    execution = speed.settle(config, splits.train_images.device, thread_cap=options.thread_cap())
+    done = runner.run(config, splits, options.results_dir, execution=execution)
+    for key, value in done.record().items():
+        trial.set_user_attr(key, value)
+    test = engine.score_by_monitor(done.result, splits, config)[config.monitor]
+    scores.update({key: test[key] for key in ("test_loss", "test_accuracy", "test_recall")})
+    trial.set_user_attr(Attr.TEST, scores)
+    return done.result.best["val_accuracy"]

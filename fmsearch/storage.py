@@ -597,28 +597,6 @@ def _try_flock(handle) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def beating(rdb: RDBStorage, trial_id: int):
-    """Record the trial's heartbeat every interval while the block runs, as Optuna does for the trials
-    of `study.optimize` (a confirmation rerun trains outside it); a trial whose process died stops
-    beating, and `fail_stale_trials` fails it a grace period later."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while True:
-            rdb.record_heartbeat(trial_id)
-            if stop.wait(rdb.get_heartbeat_interval()):
-                return
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 def fail_heartbeatless_trials(study: optuna.Study) -> None:
     """Fail the RUNNING trials that never sent a heartbeat and started over the grace period ago, and
     have them retried as stale ones are. Their worker died between creating the trial and its first

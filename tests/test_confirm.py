@@ -1,6 +1,8 @@
 """confirm.py: each condition's best configuration rerun on new seeds, resumably."""
 
+import contextlib
 import os
+import threading
 import time
 from dataclasses import replace
 
@@ -14,6 +16,25 @@ from tests.conftest import run_tiny_study, study_text
 
 def reruns(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=storage.confirm_name(name), storage=url).get_trials(deepcopy=False)
+
+
+@contextlib.contextmanager
+def beating(rdb, trial_id: int):
+    """Another command's worker, alive: the trial's heartbeat, every interval while the block runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            rdb.record_heartbeat(trial_id)
+            stop.wait(rdb.get_heartbeat_interval())
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def searched(tmp_path, tiny, name: str, trials: int, seeds: int):
@@ -70,7 +91,7 @@ def test_a_rerun_another_command_is_running_keeps_its_seed(tmp_path, tiny):
     elsewhere = optuna.load_study(study_name=storage.confirm_name(name), storage=rdb).ask()
     elsewhere.set_user_attr("config", {**best.user_attrs["config"], "seed": 1})
     elsewhere.set_user_attr("source_trial", best.number)
-    with storage.beating(rdb, elsewhere._trial_id):
+    with beating(rdb, elsewhere._trial_id):
         time.sleep(run.options.grace_period + 0.5)  # older than the grace period, but beating
         (done,) = confirm.confirm(run.spec, rdb, splits, run.options)
     trials = reruns(run.storage, name)
