@@ -6,7 +6,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from fmsearch import data, engine, lineage, spec
+from fmsearch import confirm, data, engine, lineage, spec
 from tests.conftest import TINY_STUDY
 
 STUDIES = sorted(Path("studies").glob("*.toml"))
@@ -45,6 +45,21 @@ def test_fraction_study_spans_the_label_budgets_from_one_percent_to_full_labels_
     names = [fraction.study_name(c) for c in fraction.condition_list()]
     assert len(set(names)) == 2 * len(budgets) - 1  # under full labels the objective means nothing
     assert names[-1] == "fraction/labels=100%" and "fraction/labels=1%,unlabeled=distill" in names
+
+
+def test_fraction_runs_on_seeds_the_semi_search_and_its_confirmation_never_used():
+    """fraction takes semi's tuned recipes: a run on a seed semi picked them on would be optimistic."""
+    semi, fraction = (spec.parse(Path(f"studies/{name}.toml")) for name in ("semi", "fraction"))
+    trial = optuna.trial.FixedTrial({})
+
+    def used(study: spec.StudySpec, config_seed: int) -> set[int]:
+        return {config_seed, *confirm.seeds(config_seed, study.confirm.seeds)}
+
+    semi_seed = spec.suggest(optuna.trial.FixedTrial({"arch": "plain", "lr": 1e-3, "dropout": 0.1}), semi,
+                             semi.condition_list()[0]).seed  # fmt: skip
+    for condition in fraction.condition_list():
+        config = spec.suggest(trial, fraction, condition)
+        assert not used(semi, semi_seed) & used(fraction, config.seed), fraction.study_name(condition)
 
 
 BAD = [
