@@ -288,7 +288,7 @@ def describe_execution(run) -> str:
     switches = ", ".join(
         f"{name} {'on' if getattr(run, name) else 'off'}" for name in ("amp", "channels_last", "compile")
     )
-    return f"{switches}, eval batch {run.eval_batch_size}, {run.threads} threads ({run.source})"
+    return f"{switches}, eval batch {run.eval_batch_size}, {_count(run.threads, 'thread')} ({run.source})"
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -348,6 +348,11 @@ def cmd_study(args: argparse.Namespace) -> None:
         )
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 seed', '3 seeds'."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def _print_plan(plan, time_budget: float | None) -> None:
     """What the rest of a study costs at most (cost.Plan), per condition, then in all."""
     epochs = sorted({c.max_epochs for c in plan.conditions if c.trials})
@@ -362,7 +367,9 @@ def _print_plan(plan, time_budget: float | None) -> None:
         epochs = ", ".join(f"{name} {seconds:.1f}" for name, seconds in c.epoch_seconds.items())
         teams = f"; teachers {c.teams} x {_duration(c.team_seconds)}" if c.teams else ""
         print(f"  {c.study_name}: {c.trials} trials x {c.max_epochs} epochs, s/epoch {epochs}{teams}")
-    seeds = f"{plan.confirm_seeds} seed{'s' if plan.confirm_seeds != 1 else ''}"
+    seeds = _count(plan.confirm_seeds, "seed")
+    if plan.own_seed:
+        seeds += f", the search's own run one of them: {_count(plan.reruns, 'rerun')} each"
     print(
         f"  = {_duration(plan.search_seconds)} of search and {_duration(plan.confirm_seconds)} of "
         f"confirmation ({seeds}) at most: {_duration(plan.max_seconds)} (pruning, early "
@@ -594,10 +601,12 @@ def cmd_confirm(args: argparse.Namespace) -> None:
         )
     print(f"data: {_ensure_data()}")
     splits = study.load_splits(study_spec, options)
-    print(
-        f"confirming {study_spec.name}: each condition's best trial on {study_spec.confirm.seeds} new "
-        f"seed{'s' if study_spec.confirm.seeds != 1 else ''}"
-    )
+    seeds = study_spec.confirm.seeds
+    if study_spec.space:
+        print(f"confirming {study_spec.name}: each condition's best trial on {_count(seeds, 'new seed')}")
+    else:  # nothing searched: a condition's one run was picked from nothing and counts (confirm.py)
+        more = _count(max(seeds - 1, 0), "more seed")
+        print(f"confirming {study_spec.name}: each condition's run on {more}, its own the first of {seeds}")
     for done in confirm.confirm(study_spec, rdb, splits, options, log=print):
         mean, sd, n = done.mean_sd()
         scores = f"test_accuracy {mean:.4f} ± {sd:.4f} (n={n})" if n else "no seed has finished yet"

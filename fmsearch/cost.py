@@ -73,6 +73,12 @@ class Plan:
     confirm_seeds: int
     execution: speed.Execution
     conditions: list[ConditionCost]
+    own_seed: bool = False  # nothing searched: each condition's one run counts as a seed (confirm.py)
+
+    @property
+    def reruns(self) -> int:
+        """The confirmation runs per condition: its seeds, less the search's own run where it counts."""
+        return max(self.confirm_seeds - self.own_seed, 0)
 
     @property
     def search_seconds(self) -> float:
@@ -80,7 +86,7 @@ class Plan:
 
     @property
     def confirm_seconds(self) -> float:
-        return sum(c.confirm_seconds(self.confirm_seeds) for c in self.conditions)
+        return sum(c.confirm_seconds(self.reruns) for c in self.conditions)
 
     @property
     def max_seconds(self) -> float:
@@ -118,4 +124,4 @@ def plan(spec: StudySpec, splits: data.Splits, left: dict[str, int] | None = Non
                 cost.team_seconds, cost.teams = _team_seconds(config, splits, run), trials if own else archs
         conditions.append(cost)
     execution = speed.settle(engine.TrainConfig(), device)
-    return Plan(spec.confirm.seeds, execution, conditions)
+    return Plan(spec.confirm.seeds, execution, conditions, own_seed=not spec.space)
