@@ -179,12 +179,12 @@ def _named(c: Condition) -> str:
 
 
 def _order(c: Condition) -> tuple:
-    """Full labels first, then the larger label budget, then the objective (skip first)."""
-    images = c.labeled_images or 0
-    fraction = c.setting.get("labeled_fraction", 1.0)
-    count = c.setting.get("labeled_count") or 0
+    """Full labels first, then the larger label budget, then the objective (skip first). The budget
+    is the condition's own setting: its image count is known only once a trial has run."""
+    count = c.setting.get("labeled_count")
+    fraction = c.setting.get("labeled_fraction", 1.0) if count is None else 0.0
     arm = ARM_ORDER.get(c.arm, len(UNLABELED))
-    return (not c.is_full, -images, -fraction, -count, arm, c.series, c.label)
+    return (not c.is_full, -fraction, -(count or 0), -(c.labeled_images or 0), arm, c.series, c.label)
 
 
 def load_conditions(storage, name: str) -> list[Condition]:

@@ -451,3 +451,23 @@ def test_importances_are_fanova_as_the_figure_says_not_optunas_default(tmp_path)
     assert report.importances(condition) == optuna.importance.get_param_importances(made, evaluator=fanova)
     assert report.importances(condition) != optuna.importance.get_param_importances(made)
     assert report.importances(condition)["x"] > 2 * report.importances(condition)["y"]
+
+
+def test_conditions_follow_their_budget_before_any_trial_has_run(tmp_path):
+    """A study of several budgets, some still without a trial (so without a known image count), reads
+    from the largest budget down and skip first at each, whatever order the storage holds them in."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    for fraction in (0.25, 0.1):  # not run yet: no labeled-image count
+        for arm in ("distill", "skip"):
+            name, condition = f"b/labels={fraction:.0%},unlabeled={arm}", {"labeled_fraction": fraction}
+            made = optuna.create_study(study_name=name, storage=url, direction="maximize")
+            made.set_user_attr(Attr.FINGERPRINT, {"condition": {**condition, "unlabeled": arm}, "fixed": {}})
+    _stored(url, "b/labels=5%,unlabeled=skip", {"labeled_fraction": 0.05, "unlabeled": "skip"}, [0.8], [])
+    _stored(url, "b/labels=1%,unlabeled=skip", {"labeled_fraction": 0.01, "unlabeled": "skip"}, [0.7], [])
+    _stored(url, "b/labels=100%", {"labeled_fraction": 1.0}, [0.9], [])
+    assert [c.label for c in report.load_conditions(url, "b")] == [
+        "labels=100%",
+        "labels=25%,unlabeled=skip", "labels=25%,unlabeled=distill",
+        "labels=10%,unlabeled=skip", "labels=10%,unlabeled=distill",
+        "labels=5%,unlabeled=skip", "labels=1%,unlabeled=skip",
+    ]  # fmt: skip
