@@ -804,12 +804,15 @@ def _budget_axis(ax: plt.Axes, xs: set[float], by_images: bool) -> None:
     )
 
 
-def _full_band(ax: plt.Axes, score: Score, colour: Any, label: str) -> matplotlib.patches.Patch:
-    """Full labels across the whole axis: its mean, and a band of ± sd where it was confirmed."""
-    ax.axhline(score.mean, color=colour, linewidth=1.2, linestyle="-" if score.n > 1 else "--")
+def _full_band(ax: plt.Axes, score: Score, colour: Any, label: str) -> matplotlib.artist.Artist:
+    """Full labels across the whole axis: its mean, and a band of ± sd where it was confirmed. The
+    legend shows what was drawn: a band, or the dashed line of a single run."""
+    line = ax.axhline(score.mean, color=colour, linewidth=1.2, linestyle="-" if score.n > 1 else "--")
     if score.n > 1:
         ax.axhspan(score.mean - score.sd, score.mean + score.sd, color=colour, alpha=0.15, linewidth=0)
-    return matplotlib.patches.Patch(facecolor=colour, alpha=0.3, edgecolor=colour, label=label)
+        return matplotlib.patches.Patch(facecolor=colour, alpha=0.3, edgecolor=colour, label=label)
+    line.set_label(label)
+    return line
 
 
 def plot_classes(conditions: list[Condition], out: Path) -> Path | None:

@@ -412,6 +412,17 @@ def test_a_single_label_budget_gets_an_axis_of_its_own_width():
     report.plt.close(fig)
 
 
+def test_full_labels_legend_shows_a_band_where_confirmed_and_a_dashed_line_for_a_single_run():
+    fig, ax = report.plt.subplots()
+    confirmed = report.Score((0.92, 0.93, 0.94), (), (), 0, True)
+    single = report.Score((0.93,), (), (), 0, False)
+    band = report._full_band(ax, confirmed, "0.25", "confirmed")
+    line = report._full_band(ax, single, "0.25", "single")
+    assert isinstance(band, report.matplotlib.patches.Patch) and len(ax.patches) == 1  # the ± sd band
+    assert line.get_linestyle() == "--" and line.get_label() == "single"
+    report.plt.close(fig)
+
+
 def test_a_dead_trial_is_marked_on_the_lower_edge_and_leaves_the_scale_to_the_rest(tmp_path):
     """A trial at chance (too high a learning rate) would squeeze the others into the top tenth."""
     url = f"sqlite:///{tmp_path}/s.db"
