@@ -355,21 +355,24 @@ def _count(n: int, noun: str) -> str:
 
 def _print_plan(plan, time_budget: float | None) -> None:
     """What the rest of a study costs at most (cost.Plan), per condition, then in all."""
-    epochs = sorted({c.max_epochs for c in plan.conditions if c.trials})
-    print(
-        f"cost: at most {sum(c.trials for c in plan.conditions)} trials of {'/'.join(map(str, epochs))} "
-        f"epochs, each epoch timed here ({describe_execution(plan.execution)}):"
-    )
+    epochs = "/".join(str(e) for e in sorted({c.max_epochs for c in plan.conditions if c.trials}))
+    trials = _count(sum(c.trials for c in plan.conditions), "trial")
+    execution = describe_execution(plan.execution)
+    print(f"cost: at most {trials} of {epochs} epochs, each epoch timed here ({execution}):")
     for c in plan.conditions:
         if not c.trials:
             print(f"  {c.study_name}: searched")
             continue
         epochs = ", ".join(f"{name} {seconds:.1f}" for name, seconds in c.epoch_seconds.items())
         teams = f"; teachers {c.teams} x {_duration(c.team_seconds)}" if c.teams else ""
-        print(f"  {c.study_name}: {c.trials} trials x {c.max_epochs} epochs, s/epoch {epochs}{teams}")
+        print(
+            f"  {c.study_name}: {_count(c.trials, 'trial')} x {c.max_epochs} epochs, s/epoch {epochs}{teams}"
+        )
     seeds = _count(plan.confirm_seeds, "seed")
-    if plan.own_seed:
-        seeds += f", the search's own run one of them: {_count(plan.reruns, 'rerun')} each"
+    own = sum(c.own_seed for c in plan.conditions)
+    if own:  # a condition that searches nothing: its one run counts (spec.searches_nothing)
+        where = "each" if own == len(plan.conditions) else "where nothing is searched"
+        seeds += f", the search's own run one of them: {_count(plan.confirm_seeds - 1, 'rerun')} {where}"
     print(
         f"  = {_duration(plan.search_seconds)} of search and {_duration(plan.confirm_seconds)} of "
         f"confirmation ({seeds}) at most: {_duration(plan.max_seconds)} (pruning, early "
@@ -602,11 +605,16 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     print(f"data: {_ensure_data()}")
     splits = study.load_splits(study_spec, options)
     seeds = study_spec.confirm.seeds
-    if study_spec.space:
-        print(f"confirming {study_spec.name}: each condition's best trial on {_count(seeds, 'new seed')}")
-    else:  # nothing searched: a condition's one run was picked from nothing and counts (confirm.py)
+    conditions = study_spec.condition_list()
+    own = sum(map(study_spec.searches_nothing, conditions))
+    if own == len(conditions):  # its one run was picked from nothing and counts (spec.searches_nothing)
         more = _count(max(seeds - 1, 0), "more seed")
         print(f"confirming {study_spec.name}: each condition's run on {more}, its own the first of {seeds}")
+    else:
+        where = "; where nothing is searched, its own run is the first" if own else ""
+        print(
+            f"confirming {study_spec.name}: each condition's best trial on {_count(seeds, 'new seed')}{where}"
+        )
     for done in confirm.confirm(study_spec, rdb, splits, options, log=print):
         mean, sd, n = done.mean_sd()
         scores = f"test_accuracy {mean:.4f} ± {sd:.4f} (n={n})" if n else "no seed has finished yet"

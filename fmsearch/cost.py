@@ -51,6 +51,7 @@ class ConditionCost:
     epoch_seconds: dict[str, float]  # unlabeled objective -> measured seconds of one epoch; {}: none left
     team_seconds: float = 0.0  # training one team of teachers (one architecture, one seed)
     teams: int = 0  # the teams its search can ask for: one per architecture (or per trial), none cached
+    own_seed: bool = False  # nothing searched here: its one run counts as a seed (spec.searches_nothing)
 
     def search_seconds(self) -> float:
         if not self.trials:
@@ -58,12 +59,16 @@ class ConditionCost:
         epochs = self.trials * self.max_epochs * max(self.epoch_seconds.values())
         return epochs + self.teams * self.team_seconds
 
+    def reruns(self, seeds: int) -> int:
+        """The confirmation runs of `seeds` seeds: less the search's own run where it counts as one."""
+        return max(seeds - self.own_seed, 0)
+
     def confirm_seconds(self, seeds: int) -> float:
-        """The best configuration on `seeds` new seeds: a distill rerun trains its own seed's team."""
+        """The best configuration's reruns of `seeds` seeds: a distill rerun trains its own seed's team."""
         if not self.trials:
             return 0.0  # searched already: `fmsearch confirm` reruns only the seeds it lacks
         team = self.team_seconds if self.teams else 0.0
-        return seeds * (self.max_epochs * max(self.epoch_seconds.values()) + team)
+        return self.reruns(seeds) * (self.max_epochs * max(self.epoch_seconds.values()) + team)
 
 
 @dataclass
@@ -73,12 +78,6 @@ class Plan:
     confirm_seeds: int
     execution: speed.Execution
     conditions: list[ConditionCost]
-    own_seed: bool = False  # nothing searched: each condition's one run counts as a seed (confirm.py)
-
-    @property
-    def reruns(self) -> int:
-        """The confirmation runs per condition: its seeds, less the search's own run where it counts."""
-        return max(self.confirm_seeds - self.own_seed, 0)
 
     @property
     def search_seconds(self) -> float:
@@ -86,7 +85,7 @@ class Plan:
 
     @property
     def confirm_seconds(self) -> float:
-        return sum(c.confirm_seconds(self.reruns) for c in self.conditions)
+        return sum(c.confirm_seconds(self.confirm_seeds) for c in self.conditions)
 
     @property
     def max_seconds(self) -> float:
@@ -114,7 +113,9 @@ def plan(spec: StudySpec, splits: data.Splits, left: dict[str, int] | None = Non
     for condition in spec.condition_list():
         name = spec.study_name(condition)
         trials = spec.trials if left is None else left.get(name, spec.trials)
-        cost = ConditionCost(name, spec.setting("max_epochs", condition), trials, {})
+        cost = ConditionCost(
+            name, spec.setting("max_epochs", condition), trials, {}, own_seed=spec.searches_nothing(condition)
+        )
         for config in representatives(spec, condition) if trials else ():
             run = speed.settle(config, device)
             cost.epoch_seconds[config.unlabeled] = engine.time_epoch(config, splits, run).seconds
@@ -124,4 +125,4 @@ def plan(spec: StudySpec, splits: data.Splits, left: dict[str, int] | None = Non
                 cost.team_seconds, cost.teams = _team_seconds(config, splits, run), trials if own else archs
         conditions.append(cost)
     execution = speed.settle(engine.TrainConfig(), device)
-    return Plan(spec.confirm.seeds, execution, conditions, own_seed=not spec.space)
+    return Plan(spec.confirm.seeds, execution, conditions)

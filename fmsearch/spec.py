@@ -173,6 +173,13 @@ class StudySpec:
                 return override.settings[name]
         return getattr(self, name)
 
+    def searches_nothing(self, condition: dict[str, Any]) -> bool:
+        """No [space] dimension applies in this condition: its one run was picked from nothing, so its
+        own test score counts as a confirmation seed. A trial it ran has no distributions
+        (storage.unselected reads the same from the storage, where the report and `confirm` look)."""
+        params = {**self.fixed_for(condition), **condition}
+        return not any(applies(name, params) for name in self.space)
+
     def study_name(self, condition: dict[str, Any]) -> str:
         """The Optuna study name of one condition, e.g. 'semi/labels=10%'."""
         return study_name(self.name, ",".join(condition_label(k, v) for k, v in condition.items()))
@@ -367,8 +374,7 @@ def _check_something_is_searched(spec: StudySpec, flag: str | None = None) -> No
     if not spec.space:
         raise _fail(spec.path, "space", f"empty, so all {spec.trials} trials would be identical", fix)
     for condition in spec.condition_list():
-        params = {**spec.fixed_for(condition), **condition}
-        if not any(applies(name, params) for name in spec.space):
+        if spec.searches_nothing(condition):
             raise _fail(
                 spec.path,
                 "space",

@@ -158,7 +158,7 @@ def test_a_short_study_on_real_data_runs_reports_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout
     assert "cost: at most 2 trials of 2 epochs" in out and "smaller: --trials, --epochs, --time" in out
-    assert "smoke/labels=10%: 1 trials x 2 epochs" in out and "of confirmation (1 seed)" in out
+    assert "smoke/labels=10%: 1 trial x 2 epochs" in out and "of confirmation (1 seed)" in out
     assert "smoke/labels=100% #0 COMPLETE" in out and "smoke/labels=10% #0 COMPLETE" in out
     assert "test_accuracy" in out
     for name in ("smoke/labels=100%", "smoke/labels=10%"):

@@ -148,6 +148,8 @@ def test_a_condition_that_searched_nothing_counts_its_own_trial_as_a_seed(tmp_pa
     rdb = storage.open_storage(run.storage)
     splits = study.load_splits(run.spec, run.options)
     own = run.summaries[0].test.test_accuracy
+    (trial,) = optuna.load_study(study_name=name, storage=rdb).get_trials(deepcopy=False)
+    assert run.spec.searches_nothing(run.spec.condition_list()[0]) and storage.unselected(trial)  # they agree
     done = confirm.confirm(run.spec, rdb, splits, run.options)[0]
     assert [t.user_attrs["config"]["seed"] for t in reruns(run.storage, name)] == [1]
     assert sorted(done.test_accuracy) == [0, 1] and done.test_accuracy[0] == own

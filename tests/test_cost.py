@@ -1,5 +1,7 @@
 """What `fmsearch study` says a study will cost, before it runs."""
 
+import pytest
+
 from fmsearch import cost, spec
 from tests.conftest import SPACE, study_text, write_study
 
@@ -19,12 +21,25 @@ def test_teachers_that_train_as_the_student_are_priced_once_per_trial(tmp_path, 
     assert teams == {"control": 2, "student": 4}  # two architectures; four trials
 
 
-def test_a_study_that_searches_nothing_prices_one_rerun_fewer_per_condition(tmp_path, tiny_splits):
-    """Its one run per condition was picked from nothing, so `fmsearch confirm` counts it as a seed."""
-    for space, reruns in ((SPACE, 3), ("", 2)):
-        fixed = "optimizer = 'adam'" + ("" if space else "\narch = 'plain'")
+def test_a_condition_that_searches_nothing_prices_one_rerun_fewer(tmp_path, tiny_splits):
+    """Its one run was picked from nothing, so `fmsearch confirm` counts it as a seed: in a study that
+    searches nothing, and in a condition where no dimension of the space applies (tau under full labels)."""
+    semi = "labeled_fraction = [1.0, 0.5]\nunlabeled = ['pseudo']"
+    cases = ((SPACE, "", [3]), ("", "", [2]), ("tau = { low = 0.8, high = 0.99 }", semi, [2, 3]))
+    for space, conditions, reruns in cases:
+        fixed = "optimizer = 'adam'" + ("" if space == SPACE else "\narch = 'plain'")
         text = study_text(trials=1, max_epochs=1, fixed=fixed, space=space) + "\n[confirm]\nseeds = 3\n"
-        plan = cost.plan(spec.parse(write_study(tmp_path, text)), tiny_splits)
-        (condition,) = plan.conditions
-        assert (plan.confirm_seeds, plan.reruns) == (3, reruns)
-        assert plan.confirm_seconds == condition.confirm_seconds(reruns) > 0
+        study_spec = spec.parse(
+            write_study(
+                tmp_path, text.replace("labeled_fraction = [1.0]", conditions or "labeled_fraction = [1.0]")
+            )
+        )
+        assert [study_spec.searches_nothing(c) for c in study_spec.condition_list()] == [
+            r == 2 for r in reruns
+        ]
+        plan = cost.plan(study_spec, tiny_splits)
+        assert [c.reruns(plan.confirm_seeds) for c in plan.conditions] == reruns
+        for condition, count in zip(plan.conditions, reruns, strict=True):
+            one = condition.max_epochs * max(condition.epoch_seconds.values())
+            assert one > 0 and condition.confirm_seconds(plan.confirm_seeds) == pytest.approx(count * one)
+        assert plan.confirm_seconds == sum(c.confirm_seconds(3) for c in plan.conditions)
