@@ -758,7 +758,12 @@ def plot_fraction(conditions: list[Condition], out: Path) -> Path | None:
                 _point(ax, x, c.score, colour, marker)
                 if arm == "objective":
                     ax.annotate(
-                        c.arm, (x, c.score.mean), xytext=(7, -3), textcoords="offset points", fontsize=8
+                        c.arm,
+                        (x, c.score.mean),
+                        xytext=(7, -3),
+                        textcoords="offset points",
+                        fontsize=8,
+                        bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none"},
                     )
             what = "labels only (skip)" if arm == "labels_only" else "best unlabeled objective (named)"
             handles.append(
@@ -796,6 +801,8 @@ def _budget_axis(ax: plt.Axes, xs: set[float], by_images: bool) -> None:
         ax.set_xlim(x / 2, x * 2)
         ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([x]))
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    else:  # room right of the largest budget for its objective's name
+        ax.set_xlim(min(xs) / 1.25, max(xs) * 1.6)
     ax.xaxis.set_major_formatter(
         matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:,.0f}" if by_images else f"{x:g}")
     )
