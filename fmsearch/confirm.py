@@ -163,7 +163,7 @@ def work(ready: list[Target], splits: data.Splits, options: RunOptions, command:
     rdb = _beating_storage(options)
     by_length = sorted(ready, key=lambda t: t.seconds, reverse=True)
     while not options.out_of_time():
-        runs = (_claim_and_run(rdb, target, command, splits, options) for target in by_length)
+        runs = (_claim_and_run(rdb, target, command, splits, options, log) for target in by_length)
         done = next((d for d in runs if d is not None), None)
         if done is None:
             return
@@ -192,11 +192,11 @@ def _missing(rdb: optuna.storages.BaseStorage, target: Target, command: str) -> 
 
 
 def _claim_and_run(
-    rdb: storage.Storage, target: Target, command: str, splits: data.Splits, options: RunOptions
+    rdb: storage.Storage, target: Target, command: str, splits: data.Splits, options: RunOptions, log=silent
 ) -> tuple[Target, int, float] | None:
     """Under the gate, fail the reruns whose process died and claim the next missing seed of `target`
-    as a new trial that names it; the gate opens once it does, and the rerun trains. (target, seed,
-    test accuracy), or None where no seed is missing."""
+    as a new trial that names it; the gate opens once it does, a line says so, and the rerun trains.
+    (target, seed, test accuracy), or None where no seed is missing."""
     name = storage.confirm_name(target.study_name)
     gate = storage.Gate(rdb, name)
     gate.acquire()
@@ -216,6 +216,9 @@ def _claim_and_run(
             for key, value in runner.provenance(device).items():  # its worker, code and torch
                 trial.set_user_attr(key, value)
             gate.release()
+            minutes = f"{target.seconds / 60:.0f} min" if target.seconds >= 60 else f"{target.seconds:.0f} s"
+            took = f" (its own run took {minutes})" if target.seconds else ""
+            log(f"{target.study_name}: trial #{target.source_trial} on seed {config.seed}: started{took}")
             return _train(trial, config, splits, options, scores)
 
         optuna.load_study(study_name=name, storage=rdb).optimize(rerun, n_trials=1, gc_after_trial=False)

@@ -50,11 +50,17 @@ def test_a_killed_confirmation_resumes_without_repeating_a_seed(tmp_path, tiny):
     run, name, rdb, splits = searched(tmp_path, tiny, "conf", trials=2, seeds=2)
     best = storage.best_trial(optuna.load_study(study_name=name, storage=rdb).trials)
 
+    lines = []
+
     def killed_after_the_first_seed(line: str) -> None:
-        raise KeyboardInterrupt
+        lines.append(line)
+        if "test_accuracy" in line:  # not at the line that says it started
+            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         confirm.confirm(run.spec, rdb, splits, run.options, log=killed_after_the_first_seed)
+    assert lines[0].startswith(f"{name}: trial #{best.number} on seed 1: started (its own run took ")
+    assert lines[1].startswith(f"{name}: trial #{best.number} on seed 1: test_accuracy ") and len(lines) == 2
     # What a kill -9 leaves: the second seed claimed, RUNNING, and no heartbeat for a grace period.
     killed = optuna.load_study(study_name=storage.confirm_name(name), storage=rdb).ask()
     killed.set_user_attr("config", {**best.user_attrs["config"], "seed": 2})
