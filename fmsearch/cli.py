@@ -616,9 +616,7 @@ def cmd_confirm(args: argparse.Namespace) -> None:
             f"confirming {study_spec.name}: each condition's best trial on {_count(seeds, 'new seed')}{where}"
         )
     for done in confirm.confirm(study_spec, rdb, splits, options, log=print):
-        mean, sd, n = done.mean_sd()
-        scores = f"test_accuracy {mean:.4f} ± {sd:.4f} (n={n})" if n else "no seed has finished yet"
-        print(f"{done.study_name}: trial #{done.source_trial}: {scores}")
+        print(f"{done.study_name}: trial #{done.source_trial}: {done.text()}")
 
 
 def _add_bench_command(sub) -> None:

@@ -47,6 +47,17 @@ class Confirmed:
         sd = statistics.stdev(values) if len(values) > 1 else float("nan")
         return mean, sd, len(values)
 
+    def text(self) -> str:
+        """'test_accuracy 0.9039 ± 0.0035 (n=3)'; one seed has no spread, and says so."""
+        mean, sd, n = self.mean_sd()
+        if n > 1:
+            return f"test_accuracy {mean:.4f} ± {sd:.4f} (n={n})"
+        return (
+            f"test_accuracy {mean:.4f} (n=1, a single run: no spread yet)"
+            if n
+            else "no seed has finished yet"
+        )
+
 
 def seeds(config_seed: int, count: int) -> list[int]:
     """The confirmation seeds of a configuration searched on `config_seed`: never that seed."""

@@ -163,6 +163,15 @@ def test_a_condition_that_searched_nothing_counts_its_own_trial_as_a_seed(tmp_pa
     assert condition.score.confirmed and condition.score.accuracies == (own, done.test_accuracy[1])
 
 
+def test_a_confirmed_score_gives_its_spread_or_says_it_has_none():
+    def line(scores: dict[int, float]) -> str:
+        return confirm.Confirmed("s/labels=10%", 3, scores).text()
+
+    assert line({1: 0.90, 2: 0.92}) == "test_accuracy 0.9100 ± 0.0141 (n=2)"
+    assert line({100: 0.8}) == "test_accuracy 0.8000 (n=1, a single run: no spread yet)"  # not "± nan"
+    assert line({}) == "no seed has finished yet"
+
+
 def test_confirmation_seeds_are_never_the_searchs_own():
     assert confirm.seeds(7, 3) == [8, 9, 10] and confirm.seeds(2**32 - 2, 3) == [2**32 - 1, 0, 1]
     assert confirm.seeds(0, 0) == []
