@@ -9,6 +9,9 @@ search's best trial changes, its reruns start afresh beside the old ones, which 
 A condition whose search is short of its trials is left until the search ends (its best may still
 change), and no rerun starts after a time budget's deadline. Where a condition searched nothing, its
 one trial was not chosen from others and is not optimistic: it counts as the first of the seeds.
+A rerun keeps its trial's precision: bf16 autocast changes the arithmetic, not only the speed, so
+where the trial let the machine choose (`amp` unset), its reruns run as it ran, even on a machine
+that would choose otherwise; the other execution settings are this machine's choice.
 Several workers (`fmsearch confirm --jobs N`, on one machine or more) share the reruns, each claiming
 the next missing seed under the confirmation study's gate, the longest reruns first; a rerun sends
 heartbeats while it trains, so a rerun whose process died is failed and its seed claimed again.
@@ -101,6 +104,8 @@ def targets(spec: StudySpec, rdb: optuna.storages.BaseStorage, log=silent) -> li
             )
             continue
         config = runner.stored_config(name, best)
+        if config.amp is None:  # the precision the trial ran in, whatever this machine would choose
+            config = replace(config, amp=best.user_attrs.get(Attr.EXECUTION, {}).get("amp"))
         optuna.create_study(
             study_name=storage.confirm_name(name), storage=rdb, direction="maximize", load_if_exists=True
         )

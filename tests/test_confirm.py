@@ -77,10 +77,14 @@ def test_a_killed_confirmation_resumes_without_repeating_a_seed(tmp_path, tiny):
     assert all(t.user_attrs["source_trial"] == best.number for t in complete)
     assert trials[killed.number].state == TrialState.FAIL  # the killed rerun was failed, its seed run again
     assert done.source_trial == best.number and sorted(done.test_accuracy) == [1, 2]
+    ran_in = best.user_attrs["execution"]["amp"]  # the precision this machine chose for the search
+    assert best.user_attrs["config"]["amp"] is None and isinstance(ran_in, bool)
     for t in complete:  # the rerun is the best trial's configuration on another seed, scored once on test
-        assert {k: v for k, v in t.user_attrs["config"].items() if k != "seed"} == {
-            k: v for k, v in best.user_attrs["config"].items() if k != "seed"
+        assert {k: v for k, v in t.user_attrs["config"].items() if k not in ("seed", "amp")} == {
+            k: v for k, v in best.user_attrs["config"].items() if k not in ("seed", "amp")
         }
+        # in the trial's own precision, stated, so that a machine choosing otherwise reruns it the same
+        assert t.user_attrs["config"]["amp"] is ran_in and t.user_attrs["execution"]["amp"] is ran_in
         assert 0.0 < t.user_attrs["test"]["test_accuracy"] <= 1.0
 
     more = spec.parse(run.spec.path, run.spec.path.read_text().replace("seeds = 2", "seeds = 3"))
