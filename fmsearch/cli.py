@@ -11,13 +11,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from fmsearch import files, storage, transfer, workers
 from fmsearch.config import ARCHITECTURE_NAMES, NO_PATIENCE, SETTINGS, SWITCHES, TrainConfig
 from fmsearch.errors import StudyError, UsageError
+from fmsearch.words import count, duration
+
+if TYPE_CHECKING:
+    from fmsearch.spec import StudySpec
 
 STUDIES_DIR = Path("studies")
 RESULTS_DIR = Path("results")
@@ -71,14 +75,6 @@ class EpochBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 class ConsoleReporter:
@@ -288,7 +284,7 @@ def describe_execution(run) -> str:
     switches = ", ".join(
         f"{name} {'on' if getattr(run, name) else 'off'}" for name in ("amp", "channels_last", "compile")
     )
-    return f"{switches}, eval batch {run.eval_batch_size}, {_count(run.threads, 'thread')} ({run.source})"
+    return f"{switches}, eval batch {run.eval_batch_size}, {count(run.threads, 'thread')} ({run.source})"
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -325,7 +321,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     print(f"storage {storage.mask(options.storage)}; watch it live with `make dashboard`")
     left = study.trials_left(study_spec, options)
     if any(left.values()):
-        _print_plan(cost.plan(study_spec, splits, left), args.time)
+        _print_plan(study_spec, cost.plan(study_spec, splits, left), args.time)
     else:
         print(f"every condition has its {study_spec.trials} finished trials: nothing left to search")
     summaries = study.run(study_spec, options, ConsoleReporter, splits)
@@ -343,20 +339,23 @@ def cmd_study(args: argparse.Namespace) -> None:
     if short and options.out_of_time():
         finished = ", ".join(f"{s.study_name} {s.finished}/{study_spec.trials}" for s in short)
         print(
-            f"\ntime budget {_duration(args.time)} reached: no trial started after it; finished {finished}. "
+            f"\ntime budget {duration(args.time)} reached: no trial started after it; finished {finished}. "
             "Run the same command to resume."
         )
 
 
-def _count(n: int, noun: str) -> str:
-    """'1 seed', '3 seeds'."""
-    return f"{n} {noun}{'s' if n != 1 else ''}"
+def _own_runs(study_spec: StudySpec) -> str:
+    """Which conditions count their own run as the first confirmation seed, since they search nothing
+    (spec.searches_nothing): 'each', 'where nothing is searched', or '' where every one searches."""
+    conditions = study_spec.condition_list()
+    own = sum(map(study_spec.searches_nothing, conditions))
+    return "each" if own == len(conditions) else "where nothing is searched" if own else ""
 
 
-def _print_plan(plan, time_budget: float | None) -> None:
+def _print_plan(study_spec: StudySpec, plan, time_budget: float | None) -> None:
     """What the rest of a study costs at most (cost.Plan), per condition, then in all."""
     epochs = "/".join(str(e) for e in sorted({c.max_epochs for c in plan.conditions if c.trials}))
-    trials = _count(sum(c.trials for c in plan.conditions), "trial")
+    trials = count(sum(c.trials for c in plan.conditions), "trial")
     execution = describe_execution(plan.execution)
     print(f"cost: at most {trials} of {epochs} epochs, each epoch timed here ({execution}):")
     for c in plan.conditions:
@@ -364,22 +363,20 @@ def _print_plan(plan, time_budget: float | None) -> None:
             print(f"  {c.study_name}: searched")
             continue
         epochs = ", ".join(f"{name} {seconds:.1f}" for name, seconds in c.epoch_seconds.items())
-        teams = f"; teachers {c.teams} x {_duration(c.team_seconds)}" if c.teams else ""
+        teams = f"; teachers {c.teams} x {duration(c.team_seconds)}" if c.teams else ""
         print(
-            f"  {c.study_name}: {_count(c.trials, 'trial')} x {c.max_epochs} epochs, s/epoch {epochs}{teams}"
+            f"  {c.study_name}: {count(c.trials, 'trial')} x {c.max_epochs} epochs, s/epoch {epochs}{teams}"
         )
-    seeds = _count(plan.confirm_seeds, "seed")
-    own = sum(c.own_seed for c in plan.conditions)
-    if own:  # a condition that searches nothing: its one run counts (spec.searches_nothing)
-        where = "each" if own == len(plan.conditions) else "where nothing is searched"
-        seeds += f", the search's own run one of them: {_count(plan.confirm_seeds - 1, 'rerun')} {where}"
+    seeds = count(plan.confirm_seeds, "seed")
+    if where := _own_runs(study_spec):
+        seeds += f", the search's own run one of them: {count(plan.confirm_seeds - 1, 'rerun')} {where}"
     print(
-        f"  = {_duration(plan.search_seconds)} of search and {_duration(plan.confirm_seconds)} of "
-        f"confirmation ({seeds}) at most: {_duration(plan.max_seconds)} (pruning, early "
+        f"  = {duration(plan.search_seconds)} of search and {duration(plan.confirm_seconds)} of "
+        f"confirmation ({seeds}) at most: {duration(plan.max_seconds)} (pruning, early "
         "stopping and cached teachers cut this); smaller: --trials, --epochs, --time, or STUDY=smoke"
     )
     if time_budget:
-        print(f"  time budget {_duration(time_budget)}: no trial starts after it; rerunning resumes")
+        print(f"  time budget {duration(time_budget)}: no trial starts after it; rerunning resumes")
 
 
 def _resume_from_export(name: str, url: str) -> None:
@@ -605,15 +602,14 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     print(f"data: {_ensure_data()}")
     splits = study.load_splits(study_spec, options)
     seeds = study_spec.confirm.seeds
-    conditions = study_spec.condition_list()
-    own = sum(map(study_spec.searches_nothing, conditions))
-    if own == len(conditions):  # its one run was picked from nothing and counts (spec.searches_nothing)
-        more = _count(max(seeds - 1, 0), "more seed")
+    own = _own_runs(study_spec)
+    if own == "each":
+        more = count(max(seeds - 1, 0), "more seed")
         print(f"confirming {study_spec.name}: each condition's run on {more}, its own the first of {seeds}")
     else:
-        where = "; where nothing is searched, its own run is the first" if own else ""
+        where = f"; {own}, its own run is the first" if own else ""
         print(
-            f"confirming {study_spec.name}: each condition's best trial on {_count(seeds, 'new seed')}{where}"
+            f"confirming {study_spec.name}: each condition's best trial on {count(seeds, 'new seed')}{where}"
         )
     for done in confirm.confirm(study_spec, rdb, splits, options, log=print):
         print(f"{done.study_name}: trial #{done.source_trial}: {done.text()}")

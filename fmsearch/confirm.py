@@ -28,7 +28,7 @@ import optuna
 from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
-from fmsearch import data, engine, runner, speed, storage, workers
+from fmsearch import data, engine, runner, speed, storage, words, workers
 from fmsearch.config import TrainConfig
 from fmsearch.spec import StudySpec
 from fmsearch.storage import Attr
@@ -232,8 +232,7 @@ def _claim_and_run(
             for key, value in runner.provenance(device).items():  # its worker, code and torch
                 trial.set_user_attr(key, value)
             gate.release()
-            minutes = f"{target.seconds / 60:.0f} min" if target.seconds >= 60 else f"{target.seconds:.0f} s"
-            took = f" (its own run took {minutes})" if target.seconds else ""
+            took = f" (its own run took {words.duration(target.seconds)})" if target.seconds else ""
             log(f"{target.study_name}: trial #{target.source_trial} on seed {config.seed}: started{took}")
             return _train(trial, config, splits, options, scores)
 
