@@ -599,7 +599,9 @@ def _numeric_panel(
     if dimension.log:
         ax.set_xscale("log")
         ax.set_xlim(dimension.low / 1.25, dimension.high * 1.25)
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        # 1-2-5 ticks where the range is short; over more than two decades their labels would collide
+        subs = (1.0, 2.0, 5.0) if dimension.high / dimension.low <= 100 else (1.0,)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     else:
         margin = 0.05 * (dimension.high - dimension.low)
