@@ -382,7 +382,9 @@ def test_postgresql_going_away_mid_study_is_one_line_and_a_rerun_finishes(
 ):
     study_file = tmp_path / "scale.toml"
     study_file.write_text(
-        SCALE_STUDY.replace("max_epochs = 3", "max_epochs = 2").replace("[1.0, 0.5]", "[1.0]")
+        # enough epochs that a trial is still training for a few polls after another finished: at 2, a
+        # fast CPU (bf16, 2026-12) finished the whole study between two polls
+        SCALE_STUDY.replace("max_epochs = 3", "max_epochs = 8").replace("[1.0, 0.5]", "[1.0]")
     )
     env = cli_env(postgres_url)
     command = worker_command(study_file)
@@ -392,7 +394,7 @@ def test_postgresql_going_away_mid_study_is_one_line_and_a_rerun_finishes(
     deadline = time.monotonic() + 900
     before = None
     while before is None and time.monotonic() < deadline:  # stop the server part-way through a later trial
-        time.sleep(0.5)
+        time.sleep(0.1)
         assert worker.poll() is None, worker.stderr.read()[-3000:]
         try:
             trials = optuna.load_study(study_name=SCALE_NAMES[0], storage=postgres_url).trials
