@@ -53,13 +53,10 @@ class Confirmed:
     def text(self) -> str:
         """'test_accuracy 0.9039 ± 0.0035 (n=3)'; one seed has no spread, and says so."""
         mean, sd, n = self.mean_sd()
-        if n > 1:
-            return f"test_accuracy {mean:.4f} ± {sd:.4f} (n={n})"
-        return (
-            f"test_accuracy {mean:.4f} (n=1, a single run: no spread yet)"
-            if n
-            else "no seed has finished yet"
-        )
+        if not n:
+            return "no seed has finished yet"
+        spread = f"± {sd:.4f} (n={n})" if n > 1 else "(n=1, a single run: no spread yet)"
+        return f"test_accuracy {mean:.4f} {spread}"
 
 
 def seeds(config_seed: int, count: int) -> list[int]:
